@@ -1,0 +1,3 @@
+from dalle2_cli.cli import main
+
+main()

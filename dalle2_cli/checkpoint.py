@@ -1,0 +1,183 @@
+"""Read DALLE2-pytorch checkpoint files without unpickling code, and load them strictly.
+
+Formats (see dalle2-pytorch's trainer.py and trackers.py):
+- tracker "model" saves: `{"version", "config", "model"}` (EMA weights already swapped in);
+- `DecoderTrainer.save`: `{"model", "version", "steps", "optim0", ..., "ema"}`;
+- `DiffusionPriorTrainer.save`: `{"model", "ema_model", "ema", "version", "step", ...}`;
+- a bare state dict, its config in a separate JSON;
+- safetensors, with `config` (JSON) and `dalle2_pytorch_version` in the file's metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import packaging.version
+import torch
+from torch import nn
+
+from dalle2_cli.errors import InputError
+
+DECODER_EMA = "ema"  # DecoderTrainer: state dict of the list of per-unet EMA wrappers
+PRIOR_EMA = "ema_model"  # DiffusionPriorTrainer: the EMA prior's own state dict
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state_dict: dict[str, torch.Tensor]
+    format: str
+    config: dict[str, Any] | None = None
+    version: str | None = None
+    weights: str = "raw"  # "ema" when the file's weights are the averaged (EMA) ones
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cpu") -> Checkpoint:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path, map_location)
+    raw = _torch_load(path, map_location)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path} is not a model checkpoint (it holds a {type(raw).__name__})")
+    version = str(raw["version"]) if "version" in raw else None
+    config = raw.get("config") if isinstance(raw.get("config"), dict) else None
+
+    if isinstance(raw.get("model"), dict):
+        state_dict = dict(raw["model"])
+        weights = "raw"
+        if PRIOR_EMA in raw and isinstance(raw[PRIOR_EMA], dict):
+            fmt = "DiffusionPriorTrainer checkpoint"
+            if prefer_ema:
+                state_dict, weights = dict(raw[PRIOR_EMA]), "ema"
+        elif DECODER_EMA in raw and isinstance(raw[DECODER_EMA], dict):
+            fmt = "DecoderTrainer checkpoint"
+            if prefer_ema:
+                state_dict, weights = _swap_in_decoder_ema(state_dict, raw[DECODER_EMA]), "ema"
+        elif config is not None:
+            fmt = "tracker model save"
+            weights = "ema" if _trained_with_ema(config) else "raw"  # the tracker swaps EMA in
+        else:
+            fmt = "trainer checkpoint"
+    elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
+        state_dict, fmt, weights = raw, "state dict", "raw"
+    else:
+        keys = ", ".join(list(raw)[:6])
+        raise InputError(f"{path} is not a DALLE2-pytorch checkpoint (its keys: {keys})")
+
+    return Checkpoint(path, strip_clip(state_dict), fmt, config, version, weights)
+
+
+def _torch_load(path: Path, map_location: str) -> Any:
+    # DiffusionPriorTrainer pickles `version` as a packaging Version: the one class we allow.
+    with torch.serialization.safe_globals([packaging.version.Version]):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):  # old (non-zip) files cannot be memory-mapped
+                raise _unreadable(path, error) from None
+        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+            raise _unreadable(path, error) from None
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            raise _unreadable(path, error) from None
+
+
+def _unreadable(path: Path, error: Exception) -> InputError:
+    text = str(error)
+    if "weights_only" in text or "Unsupported global" in text:
+        first = next((ln for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
+        return InputError(
+            f"refusing to load {path}: it holds pickled Python objects that could run code "
+            f"({first.strip()[:120]}); convert it to a plain state dict or safetensors"
+        )
+    return InputError(f"cannot read {path} as a PyTorch checkpoint: {text.splitlines()[0][:200]}")
+
+
+def _read_safetensors(path: Path, map_location: str) -> Checkpoint:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=map_location) as handle:
+            metadata = handle.metadata() or {}
+            state_dict = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise InputError(f"cannot read {path} as safetensors: {error}") from None
+    config = json.loads(metadata["config"]) if "config" in metadata else None
+    weights = metadata.get("weights", "raw")
+    version = metadata.get("dalle2_pytorch_version")
+    return Checkpoint(path, strip_clip(state_dict), "safetensors", config, version, weights)
+
+
+def _swap_in_decoder_ema(model: dict[str, torch.Tensor], ema: dict[str, Any]) -> dict[str, Any]:
+    """Replace `unets.I.*` by the EMA copy stored under `I.ema_model.*`."""
+    swapped = dict(model)
+    for key, value in ema.items():
+        index, kind, rest = key.split(".", 2) if key.count(".") >= 2 else (None, None, None)
+        if kind == "ema_model" and index is not None and index.isdigit():
+            name = f"unets.{index}.{rest}"
+            if name in swapped:
+                swapped[name] = value
+    return swapped
+
+
+def _trained_with_ema(config: dict[str, Any]) -> bool:
+    return bool(config.get("train", {}).get("use_ema", False))
+
+
+def strip_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIP is loaded on its own; some checkpoints still carry its weights under `clip.*`."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("clip.")}
+
+
+def summarize_keys(keys: list[str], depth: int = 2, limit: int = 6) -> str:
+    """`12 (unets.0: 8, noise_schedulers.1: 4)`: a count grouped by module prefix."""
+    groups = Counter(".".join(key.split(".")[:depth]) for key in keys)
+    shown = ", ".join(f"{prefix}: {count}" for prefix, count in groups.most_common(limit))
+    more = f", +{len(groups) - limit} more groups" if len(groups) > limit else ""
+    return f"{len(keys)} ({shown}{more})"
+
+
+def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool,
+                 what: str, version: str | None = None) -> list[str]:
+    """Load `state_dict` into `module`; strict mismatches raise one readable error.
+
+    Returns warnings (for non-strict loading that left modules without weights).
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and state_dict[k].shape != expected[k].shape
+    ]
+    if mismatched:
+        raise InputError(
+            f"{what}: {len(mismatched)} weights have the wrong shape for the configured model "
+            f"(file vs model: {'; '.join(mismatched[:3])}); is the config the one it was trained with?"
+        )
+    if (missing or unexpected) and strict:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {summarize_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {summarize_keys(unexpected)}")
+        from dalle2_pytorch.version import __version__ as installed
+
+        written = f"written by dalle2-pytorch {version}, " if version else ""
+        raise InputError(
+            f"{what} does not match its model: {'; '.join(parts)}.\n"
+            f"The file was {written}installed is {installed}: install the version it was "
+            f"written with, or set \"strict_loading\": false to accept random weights there."
+        )
+    module.load_state_dict(state_dict, strict=False)
+    if missing:
+        return [f"{what}: {summarize_keys(missing)} weights missing, left random (non-strict loading)"]
+    return []

@@ -1,0 +1,151 @@
+"""Build the CLIP that the prior and decoder were trained against, as a dalle2-pytorch adapter.
+
+dalle2-pytorch's own adapters download their weights (OpenAI's servers, the open_clip hub).
+Here a CLIP can instead be built from a name or an `architecture` and loaded from a `File`,
+which is how offline and custom CLIPs work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from dalle2_pytorch.dalle2_pytorch import (
+    BaseClipAdapter,
+    CoCaAdapter,
+    OpenAIClipAdapter,
+    OpenClipAdapter,
+    XClipAdapter,
+)
+from torchvision.transforms import Normalize
+
+from dalle2_cli.checkpoint import load_weights, read_checkpoint
+from dalle2_cli.config import ClipConfig, File
+from dalle2_cli.errors import InputError
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class _Prebuilt:
+    """Wrap an already-built OpenAI or open_clip model the way dalle2-pytorch's adapters do."""
+
+    def _setup(self, model: torch.nn.Module, normalize: Normalize) -> None:
+        BaseClipAdapter.__init__(self, model)
+        self.eos_id = 49407  # the tokenizer's end-of-text id; 0 pads
+        self.handle = model.ln_final.register_forward_hook(self._hook)
+        self.clip_normalize = normalize
+        self.cleared = False
+        # dalle2-pytorch reports the text width here; the embeddings have the joint size.
+        self._dim_latent = self.dim_latent_ = _joint_dim(model)
+
+
+class PrebuiltOpenClipAdapter(_Prebuilt, OpenClipAdapter):
+    def __init__(self, model: torch.nn.Module, normalize: Normalize):
+        self._setup(model, normalize)
+
+
+class PrebuiltOpenAIClipAdapter(_Prebuilt, OpenAIClipAdapter):
+    def __init__(self, model: torch.nn.Module, normalize: Normalize):
+        self._setup(model, normalize)
+
+
+def _joint_dim(model: torch.nn.Module) -> int:
+    projection = getattr(model, "text_projection", None)
+    if isinstance(projection, torch.nn.Linear):
+        return projection.out_features
+    if isinstance(projection, torch.Tensor):
+        return projection.shape[-1]
+    return model.ln_final.weight.shape[0]
+
+
+def text_encoding_dim(adapter: BaseClipAdapter) -> int | None:
+    """Width of the per-token text encodings the decoder and prior are conditioned on."""
+    clip = adapter.clip
+    if hasattr(clip, "ln_final"):
+        return clip.ln_final.weight.shape[0]
+    if hasattr(clip, "dim_text"):
+        return clip.dim_text
+    return getattr(clip, "dim", None)
+
+
+def build_clip(config: ClipConfig, resolve: Callable[[File], Path], strict: bool = True,
+               map_location: str = "cpu") -> BaseClipAdapter:
+    if config.make == "openai":
+        adapter = _openai(config, resolve, strict, map_location)
+    elif config.make == "open_clip":
+        adapter = _open_clip(config, resolve, strict, map_location)
+    else:
+        adapter = _x_clip_or_coca(config, resolve, strict, map_location)
+    adapter.eval().requires_grad_(False)
+    return adapter
+
+
+def _load_file(model: torch.nn.Module, file: File, resolve, strict: bool, map_location: str) -> None:
+    path = resolve(file)
+    checkpoint = read_checkpoint(path, map_location=map_location)
+    load_weights(model, checkpoint.state_dict, strict, what=f"CLIP weights {path}", version=checkpoint.version)
+
+
+def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+    if config.load_model_from is None:
+        return OpenAIClipAdapter(config.model)  # downloads from OpenAI, as dalle2-laion did
+    import clip as openai_clip
+
+    path = resolve(config.load_model_from)
+    state_dict = read_checkpoint(path, map_location=map_location).state_dict
+    try:
+        model = openai_clip.model.build_model(state_dict).float()
+    except (KeyError, RuntimeError, IndexError) as error:
+        raise InputError(f"{path} is not an OpenAI CLIP state dict ({error})") from None
+    return PrebuiltOpenAIClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
+
+
+def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+    import open_clip
+
+    if config.architecture is not None:
+        try:
+            model = open_clip.CLIP(**config.architecture)
+        except TypeError as error:
+            raise InputError(f"clip.architecture is not an open_clip model config: {error}") from None
+    else:
+        pretrained = None
+        if config.load_model_from is None:
+            tags = open_clip.list_pretrained_tags_by_model(config.model)
+            pretrained = config.pretrained or (tags[0] if tags else None)
+        try:
+            model = open_clip.create_model(config.model, pretrained=pretrained)
+        except RuntimeError as error:
+            raise InputError(f"open_clip cannot build {config.model!r}: {error}") from None
+    if config.load_model_from is not None:
+        _load_file(model, config.load_model_from, resolve, strict, map_location)
+    mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
+    std = getattr(model.visual, "image_std", None) or OPENAI_STD
+    return PrebuiltOpenClipAdapter(model, Normalize(mean, std))
+
+
+def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+    if config.make == "x-clip":
+        from x_clip import CLIP as XCLIP
+
+        build, adapter_class = XCLIP, XClipAdapter
+    else:
+        from coca_pytorch import CoCa
+
+        build, adapter_class = CoCa, CoCaAdapter
+    try:
+        model = build(**config.architecture)
+    except TypeError as error:
+        raise InputError(f"clip.architecture does not fit {config.make}: {error}") from None
+    if config.load_model_from is not None:
+        _load_file(model, config.load_model_from, resolve, strict, map_location)
+    return adapter_class(model, **config.adapter_overrides)
+
+
+def tokenize(adapter: BaseClipAdapter, texts: list[str]) -> torch.Tensor:
+    """CLIP's BPE tokens, truncated to the text length this CLIP was trained with."""
+    from open_clip.tokenizer import tokenize as bpe_tokenize
+
+    return bpe_tokenize(texts, context_length=adapter.max_text_len)

@@ -1,0 +1,183 @@
+"""`DalleModelManager`: loads a config's CLIP, prior and decoder, each only when first used."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from dalle2_pytorch import Decoder, DiffusionPrior
+from dalle2_pytorch.dalle2_pytorch import BaseClipAdapter
+from dalle2_pytorch.train_configs import DiffusionPriorConfig
+from pydantic import ValidationError
+
+from dalle2_cli.checkpoint import Checkpoint, load_weights, read_checkpoint
+from dalle2_cli.clip import build_clip, text_encoding_dim
+from dalle2_cli.config import File, ModelLoadConfig, describe_validation_error
+from dalle2_cli.devices import resolve_device
+from dalle2_cli.errors import InputError
+from dalle2_cli.files import resolve_file
+from dalle2_cli.stitch import check_fit, read_part, stitched_config, stitched_state_dict
+
+
+class DalleModelManager:
+    """Holds the models of one config. Nothing is loaded until a script asks for it, so a
+    variation, which needs no prior, never reads the prior's file."""
+
+    def __init__(self, config: ModelLoadConfig, device: str | None = None,
+                 resolve: Callable[[File], Path] = resolve_file,
+                 log: Callable[[str], None] | None = None):
+        self.config = config
+        self.device = resolve_device(device or config.device)
+        self.resolve = resolve
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
+        self._clip: BaseClipAdapter | None = None
+        self._prior: DiffusionPrior | None = None
+        self._decoder: Decoder | None = None
+
+    @property
+    def map_location(self) -> str:
+        return "cpu" if self.config.load_on_cpu else str(self.device)
+
+    def _require(self, part: str) -> Any:
+        value = getattr(self.config, part)
+        if value is None:
+            where = self.config.source_path or "the config"
+            raise InputError(f"{where} has no '{part}' section, which this command needs")
+        return value
+
+    def _resolve(self, role: str, file: File) -> Path:
+        path = self.resolve(file)
+        self.files[role] = path
+        return path
+
+    def _checkpoint(self, role: str, file: File) -> Checkpoint:
+        path = self._resolve(role, file)
+        checkpoint = read_checkpoint(path, map_location=self.map_location)
+        self.log(f"loaded {role} {path.name} ({checkpoint.format}, {checkpoint.weights.upper()} weights)")
+        return checkpoint
+
+    def _model_config(self, role: str, checkpoint: Checkpoint, config_file: File | None) -> dict:
+        if config_file is not None:
+            path = self._resolve(f"{role} config", config_file)
+            try:
+                return json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise InputError(f"cannot read {role} config {path}: {error}") from None
+        if checkpoint.config is None:
+            raise InputError(
+                f"{checkpoint.path} has no embedded config: add 'load_config_from' pointing at its JSON config"
+            )
+        return checkpoint.config
+
+    # -- the three models ---------------------------------------------------------------
+
+    @property
+    def clip(self) -> BaseClipAdapter:
+        if self._clip is None:
+            clip_config = self._require("clip")
+            resolve = lambda file: self._resolve("clip", file)  # noqa: E731
+            self._clip = build_clip(clip_config, resolve, self.config.strict_loading,
+                                    self.map_location).to(self.device)
+        return self._clip
+
+    @property
+    def prior(self) -> DiffusionPrior:
+        if self._prior is None:
+            self._prior = self._load_prior()
+        return self._prior
+
+    @property
+    def decoder(self) -> Decoder:
+        if self._decoder is None:
+            self._decoder = self._load_decoder()
+        return self._decoder
+
+    def _load_prior(self) -> DiffusionPrior:
+        source = self._require("prior")
+        checkpoint = self._checkpoint("prior", source.load_model_from)
+        data = self._model_config("prior", checkpoint, source.load_config_from)
+        section = data.get("prior", data)
+        try:
+            prior_config = DiffusionPriorConfig(**{**section, "clip": None})
+        except (ValidationError, TypeError) as error:
+            detail = describe_validation_error(error, "prior") if isinstance(error, ValidationError) else error
+            raise InputError(f"prior config of {checkpoint.path} is invalid: {detail}") from None
+        clip = self.clip
+        if clip.dim_latent != prior_config.image_embed_dim:
+            raise InputError(
+                f"the prior ({checkpoint.path}) makes {prior_config.image_embed_dim}-d image embeddings "
+                f"but the CLIP's are {clip.dim_latent}-d: they were not trained together"
+            )
+        prior = prior_config.create()
+        self._warn(load_weights(prior, checkpoint.state_dict, self.config.strict_loading,
+                                f"prior {checkpoint.path}", checkpoint.version))
+        prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
+        return prior.to(self.device).eval()
+
+    def _load_decoder(self) -> Decoder:
+        sources = self._require("decoder").unet_sources
+        parts_by_unet = {}
+        for index, source in enumerate(sources):
+            role = f"decoder unets {','.join(map(str, source.unet_numbers))}"
+            checkpoint = self._checkpoint(role, source.load_model_from)
+            data = self._model_config(role, checkpoint, source.load_config_from)
+            part = read_part(source, checkpoint.path, checkpoint, data)
+            parts_by_unet.update({number: part for number in source.unet_numbers})
+        check_fit(parts_by_unet)
+        decoder = stitched_config(parts_by_unet).create()
+        versions = {p.checkpoint.version for p in parts_by_unet.values()} - {None}
+        names = ", ".join(sorted({p.name for p in parts_by_unet.values()}))
+        self._warn(load_weights(decoder, stitched_state_dict(parts_by_unet), self.config.strict_loading,
+                                f"decoder {names}", next(iter(versions), None)))
+        self._check_decoder_fits_clip(decoder, names)
+        return decoder.to(self.device).eval()
+
+    def _check_decoder_fits_clip(self, decoder: Decoder, names: str) -> None:
+        if self.config.clip is None:
+            return
+        clip = self.clip
+        first = decoder.unets[0]
+        embed_dim = getattr(first, "image_embed_dim", None)
+        if embed_dim is not None and embed_dim != clip.dim_latent:
+            raise InputError(
+                f"the decoder ({names}) takes {embed_dim}-d image embeddings but the CLIP makes "
+                f"{clip.dim_latent}-d ones: they were not trained together"
+            )
+        text_dim = text_encoding_dim(clip)
+        for number, unet in enumerate(decoder.unets, 1):
+            if unet.cond_on_text_encodings and text_dim is not None and unet.text_embed_dim != text_dim:
+                raise InputError(
+                    f"decoder unet {number} ({names}) takes {unet.text_embed_dim}-d text encodings "
+                    f"but the CLIP makes {text_dim}-d ones"
+                )
+
+    def _warn(self, warnings: list[str]) -> None:
+        for message in warnings:
+            self.log(f"warning: {message}")
+
+    # -- defaults from the config -------------------------------------------------------
+
+    def prior_defaults(self) -> tuple[int | None, float]:
+        """(sample timesteps or None for the trained number, cond scale) for the prior."""
+        source = self._require("prior")
+        scale = source.default_cond_scale if source.default_cond_scale is not None else 1.0
+        return source.default_sample_timesteps, scale
+
+    def decoder_defaults(self) -> tuple[list[int | None], list[float]]:
+        """Per unet: sample timesteps (None = trained number) and cond scale."""
+        sources = self._require("decoder").unet_sources
+        count = sum(len(s.unet_numbers) for s in sources)
+        steps: list[int | None] = [None] * count
+        scales = [1.0] * count
+        for source in sources:
+            for position, number in enumerate(source.unet_numbers):
+                if source.default_sample_timesteps is not None:
+                    steps[number - 1] = source.default_sample_timesteps[position]
+                if source.default_cond_scale is not None:
+                    scales[number - 1] = source.default_cond_scale[position]
+        return steps, scales
