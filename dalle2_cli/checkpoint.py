@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,13 +92,14 @@ def _torch_load(path: Path, map_location: str) -> Any:
 
 def _unreadable(path: Path, error: Exception) -> InputError:
     text = str(error)
-    if "weights_only" in text or "Unsupported global" in text:
-        first = next((ln for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if found:
         return InputError(
-            f"refusing to load {path}: it holds pickled Python objects that could run code "
-            f"({first.strip()[:120]}); convert it to a plain state dict or safetensors"
+            f"refusing to load {path}: it holds a pickled Python object ({found.group(1)}) that could "
+            "run code; re-save its tensors as a plain state dict or safetensors"
         )
-    return InputError(f"cannot read {path} as a PyTorch checkpoint: {text.splitlines()[0][:200]}")
+    detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0])
+    return InputError(f"cannot read {path} as a PyTorch checkpoint: {detail[:200]}")
 
 
 def _read_safetensors(path: Path, map_location: str) -> Checkpoint:
@@ -138,14 +140,15 @@ def strip_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def summarize_keys(keys: list[str], depth: int = 2, limit: int = 6) -> str:
     """`12 (unets.0: 8, noise_schedulers.1: 4)`: a count grouped by module prefix."""
-    groups = Counter(".".join(key.split(".")[:depth]) for key in keys)
+    groups = Counter(".".join(key.split(".")[: min(depth, key.count("."))] or [key]) for key in keys)
     shown = ", ".join(f"{prefix}: {count}" for prefix, count in groups.most_common(limit))
     more = f", +{len(groups) - limit} more groups" if len(groups) > limit else ""
     return f"{len(keys)} ({shown}{more})"
 
 
-def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool,
-                 what: str, version: str | None = None) -> list[str]:
+def load_weights(
+    module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool, what: str, version: str | None = None
+) -> list[str]:
     """Load `state_dict` into `module`; strict mismatches raise one readable error.
 
     Returns warnings (for non-strict loading that left modules without weights).
@@ -175,7 +178,7 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], strict:
         raise InputError(
             f"{what} does not match its model: {'; '.join(parts)}.\n"
             f"The file was {written}installed is {installed}: install the version it was "
-            f"written with, or set \"strict_loading\": false to accept random weights there."
+            f'written with, or set "strict_loading": false to accept random weights there.'
         )
     module.load_state_dict(state_dict, strict=False)
     if missing:

@@ -38,7 +38,7 @@ def _floats(text: str | None) -> list[float] | None:
 def _ints(text: str | None) -> list[int] | None:
     values = _split(text, int, "whole numbers")
     if values is not None and any(v < 1 for v in values):
-        raise typer.BadParameter("steps must be positive")
+        raise InputError(f"--decoder-steps must be positive, got {text!r}")
     return values
 
 
@@ -48,22 +48,27 @@ def _split(text: str | None, kind: Callable, what: str) -> list | None:
     try:
         return [kind(part) for part in text.split(",")]
     except ValueError:
-        raise typer.BadParameter(f"expected {what}, one or comma-separated per unet: {text!r}") from None
+        raise InputError(f"expected {what}, one or comma-separated per unet, got {text!r}") from None
 
 
 # Options every generating command shares.
-ConfigOpt = Annotated[str | None, typer.Option(
-    "--config", "-c", help=f"Config name (see `dalle2 config list`) or JSON path. Env: {CONFIG_ENV}.")]
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option("--config", "-c", help=f"Config name (see `dalle2 config list`) or JSON path. Env: {CONFIG_ENV}."),
+]
 NumOpt = Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt or per input image.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed and settings give the same images.")]
 OutOpt = Annotated[Path, typer.Option("--output-dir", "-o", help="Where images are written.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", help="Images sampled at once.")]
 PriorStepsOpt = Annotated[int | None, typer.Option("--prior-steps", help="Prior sampling steps.")]
-DecoderStepsOpt = Annotated[str | None, typer.Option(
-    "--decoder-steps", help="Decoder sampling steps: one value, or comma-separated per unet.")]
+DecoderStepsOpt = Annotated[
+    str | None, typer.Option("--decoder-steps", help="Decoder sampling steps: one value, or comma-separated per unet.")
+]
 PriorScaleOpt = Annotated[float | None, typer.Option("--prior-cond-scale", help="Prior guidance scale.")]
-DecoderScaleOpt = Annotated[str | None, typer.Option(
-    "--decoder-cond-scale", help="Decoder guidance scale: one value, or comma-separated per unet.")]
+DecoderScaleOpt = Annotated[
+    str | None,
+    typer.Option("--decoder-cond-scale", help="Decoder guidance scale: one value, or comma-separated per unet."),
+]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the images on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and the libraries' own progress bars.")]
@@ -116,33 +121,61 @@ def _output_dir(path: Path) -> Path:
     return path
 
 
-def _generate(command: str, config: str | None, device: str | None, out: Path, json_out: bool,
-              settings: dict[str, Any], make: Callable[[Any, Any], list]) -> None:
-    """Shared by the three generating commands: load, run `make`, save, report."""
+def _generate(
+    command: str,
+    config: str | None,
+    device: str | None,
+    out: Path,
+    json_out: bool,
+    settings: dict[str, Any],
+    script: str,
+    run: Callable[[Any], list],
+) -> None:
+    """Shared by the generating commands: build the inference `script` (a class of
+    dalle2_cli.inference), `run` it, save the images, report."""
     from dalle2_cli.config import find_config, load_config
-    from dalle2_cli.inference import SamplingSettings, as_record
-    from dalle2_cli.manager import DalleModelManager
-    from dalle2_cli.output import save_png, slug, unique_path
 
+    # Check what is cheap to check before the (slow) torch import.
     name = _config_name(config)
     model_config = load_config(name)
     directory = _output_dir(out)
+
+    from dalle2_cli import inference
+    from dalle2_cli.manager import DalleModelManager
+    from dalle2_cli.output import save_png, slug, unique_path
+
     manager = DalleModelManager(model_config, device=device)
-    generated = make(manager, SamplingSettings(**settings))
+    script_class = getattr(inference, script)
+    generated = run(script_class(manager, inference.SamplingSettings(**settings)))
 
     taken: set[Path] = set()
     records = []
     for item in generated:
         stem = f"{slug(item.prompt or Path(item.source or command).stem)}-{item.seed}-{item.index}"
         path = unique_path(directory, stem, taken)
-        record = as_record(item)
-        metadata = {**record, "command": command, "config": str(find_config(name)),
-                    "model_files": {role: str(p) for role, p in manager.files.items()},
-                    "tool": f"dalle2-cli {__version__}"}
+        record = inference.as_record(item)
+        used = record.pop("settings")
+        metadata = {
+            **record,
+            **used,
+            "command": command,
+            "config": str(find_config(name)),
+            "model_files": {role: str(p) for role, p in manager.files.items()},
+            "tool": f"dalle2-cli {__version__}",
+        }
         save_png(item.image, path, metadata)
-        records.append({"path": str(path), "prompt": item.prompt, "seed": item.seed,
-                        "width": item.image.width, "height": item.image.height,
-                        "index": item.index, "source": item.source, "settings": item.settings})
+        records.append(
+            {
+                "path": str(path),
+                "prompt": item.prompt,
+                "seed": item.seed,
+                "width": item.image.width,
+                "height": item.image.height,
+                "index": item.index,
+                "source": item.source,
+                "settings": item.settings,
+            }
+        )
     _say(f"saved {len(records)} image(s) to {directory}")
     for record in records:
         _say(f"  {record['path']}")
@@ -150,38 +183,66 @@ def _generate(command: str, config: str | None, device: str | None, out: Path, j
         print(json.dumps({"images": records, "config": name, "device": str(manager.device)}))
 
 
-def _settings(num: int, seed: int | None, batch: int, prior_steps: int | None, decoder_steps: str | None,
-              prior_scale: float | None, decoder_scale: str | None) -> dict[str, Any]:
+def _settings(
+    num: int,
+    seed: int | None,
+    batch: int,
+    prior_steps: int | None,
+    decoder_steps: str | None,
+    prior_scale: float | None,
+    decoder_scale: str | None,
+) -> dict[str, Any]:
     if num < 1:
         raise InputError(f"--num-images must be at least 1, got {num}")
     if batch < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch}")
     if prior_steps is not None and prior_steps < 1:
         raise InputError(f"--prior-steps must be positive, got {prior_steps}")
-    return dict(seed=seed, batch_size=batch, prior_steps=prior_steps, decoder_steps=_ints(decoder_steps),
-                prior_cond_scale=prior_scale, decoder_cond_scale=_floats(decoder_scale))
+    return dict(
+        seed=seed,
+        batch_size=batch,
+        prior_steps=prior_steps,
+        decoder_steps=_ints(decoder_steps),
+        prior_cond_scale=prior_scale,
+        decoder_cond_scale=_floats(decoder_scale),
+    )
 
 
 @app.command()
 def text2im(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
-    config: ConfigOpt = None, num_images: NumOpt = 1, seed: SeedOpt = None,
-    output_dir: OutOpt = Path("outputs"), batch_size: BatchOpt = 4,
-    prior_steps: PriorStepsOpt = None, decoder_steps: DecoderStepsOpt = None,
-    prior_cond_scale: PriorScaleOpt = None, decoder_cond_scale: DecoderScaleOpt = None,
-    device: DeviceOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    config: ConfigOpt = None,
+    num_images: NumOpt = 1,
+    seed: SeedOpt = None,
+    output_dir: OutOpt = Path("outputs"),
+    batch_size: BatchOpt = 4,
+    prior_steps: PriorStepsOpt = None,
+    decoder_steps: DecoderStepsOpt = None,
+    prior_cond_scale: PriorScaleOpt = None,
+    decoder_cond_scale: DecoderScaleOpt = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Make images from text prompts."""
 
     def body() -> None:
         if any(not p.strip() for p in prompts):
             raise InputError("a prompt is empty: describe the image to make")
-        settings = _settings(num_images, seed, batch_size, prior_steps, decoder_steps,
-                             prior_cond_scale, decoder_cond_scale)
-        from dalle2_cli.inference import TextToImage
+        settings = _settings(
+            num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
+        )
 
-        _generate("text2im", config, device, output_dir, json_out, settings,
-                  lambda manager, s: TextToImage(manager, s).run(prompts, num_images))
+        _generate(
+            "text2im",
+            config,
+            device,
+            output_dir,
+            json_out,
+            settings,
+            "TextToImage",
+            lambda script: script.run(prompts, num_images),
+        )
 
     _guard(debug, body)
 
@@ -190,22 +251,34 @@ def text2im(
 def variation(
     images: Annotated[list[Path], typer.Argument(help="One or more images to make variations of.")],
     text: Annotated[str | None, typer.Option("--text", help="Text for text-conditioned decoders.")] = None,
-    config: ConfigOpt = None, num_images: NumOpt = 1, seed: SeedOpt = None,
-    output_dir: OutOpt = Path("outputs"), batch_size: BatchOpt = 4,
-    decoder_steps: DecoderStepsOpt = None, decoder_cond_scale: DecoderScaleOpt = None,
-    device: DeviceOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    config: ConfigOpt = None,
+    num_images: NumOpt = 1,
+    seed: SeedOpt = None,
+    output_dir: OutOpt = Path("outputs"),
+    batch_size: BatchOpt = 4,
+    decoder_steps: DecoderStepsOpt = None,
+    decoder_cond_scale: DecoderScaleOpt = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Make new images with the content and style of existing ones."""
 
     def body() -> None:
         from dalle2_cli.images import open_image
-        from dalle2_cli.inference import ImageVariation
 
         settings = _settings(num_images, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
         pictures = [open_image(path) for path in images]
-        _generate("variation", config, device, output_dir, json_out, settings,
-                  lambda manager, s: ImageVariation(manager, s).run(
-                      pictures, num_images, text=text, sources=[str(p) for p in images]))
+        _generate(
+            "variation",
+            config,
+            device,
+            output_dir,
+            json_out,
+            settings,
+            "ImageVariation",
+            lambda script: script.run(pictures, num_images, text=text, sources=[str(p) for p in images]),
+        )
 
     _guard(debug, body)
 
@@ -215,27 +288,41 @@ def inpaint(
     image: Annotated[Path, typer.Argument(help="The image to edit.")],
     mask: Annotated[Path, typer.Argument(help="Same size as the image: white (or transparent) = regenerate.")],
     prompt: Annotated[str | None, typer.Argument(help="What to paint; without it, fill from the image.")] = None,
-    config: ConfigOpt = None, num_images: NumOpt = 1, seed: SeedOpt = None,
-    output_dir: OutOpt = Path("outputs"), batch_size: BatchOpt = 4,
-    prior_steps: PriorStepsOpt = None, decoder_steps: DecoderStepsOpt = None,
-    prior_cond_scale: PriorScaleOpt = None, decoder_cond_scale: DecoderScaleOpt = None,
-    device: DeviceOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+    config: ConfigOpt = None,
+    num_images: NumOpt = 1,
+    seed: SeedOpt = None,
+    output_dir: OutOpt = Path("outputs"),
+    batch_size: BatchOpt = 4,
+    prior_steps: PriorStepsOpt = None,
+    decoder_steps: DecoderStepsOpt = None,
+    prior_cond_scale: PriorScaleOpt = None,
+    decoder_cond_scale: DecoderScaleOpt = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
 ) -> None:
     """Regenerate the masked area of an image."""
 
     def body() -> None:
         from dalle2_cli.images import open_image, open_mask
-        from dalle2_cli.inference import Inpainting
 
         if prompt is not None and not prompt.strip():
             raise InputError("the prompt is empty: leave it out to fill from the image itself")
-        settings = _settings(num_images, seed, batch_size, prior_steps, decoder_steps,
-                             prior_cond_scale, decoder_cond_scale)
+        settings = _settings(
+            num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
+        )
         picture = open_image(image)
         regenerate = open_mask(mask, picture.size)
-        _generate("inpaint", config, device, output_dir, json_out, settings,
-                  lambda manager, s: Inpainting(manager, s).run(
-                      picture, regenerate, prompt, num_images, source=str(image)))
+        _generate(
+            "inpaint",
+            config,
+            device,
+            output_dir,
+            json_out,
+            settings,
+            "Inpainting",
+            lambda script: script.run(picture, regenerate, prompt, num_images, source=str(image)),
+        )
 
     _guard(debug, body)
 
@@ -274,8 +361,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
 ) -> None:
     pass
 

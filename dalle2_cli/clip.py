@@ -70,8 +70,9 @@ def text_encoding_dim(adapter: BaseClipAdapter) -> int | None:
     return getattr(clip, "dim", None)
 
 
-def build_clip(config: ClipConfig, resolve: Callable[[File], Path], strict: bool = True,
-               map_location: str = "cpu") -> BaseClipAdapter:
+def build_clip(
+    config: ClipConfig, resolve: Callable[[File], Path], strict: bool = True, map_location: str = "cpu"
+) -> BaseClipAdapter:
     if config.make == "openai":
         adapter = _openai(config, resolve, strict, map_location)
     elif config.make == "open_clip":

@@ -44,9 +44,7 @@ class File(_Strict):
     @field_validator("filename_override")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
-        if value is not None and (
-            not value or "/" in value or "\\" in value or "\0" in value or value in (".", "..")
-        ):
+        if value is not None and (not value or "/" in value or "\\" in value or "\0" in value or value in (".", "..")):
             raise ValueError("must be a plain file name, without directories")
         return value
 
@@ -143,21 +141,21 @@ class SingleDecoderLoadConfig(_Strict):
 class DecoderLoadConfig(_Strict):
     unet_sources: list[SingleDecoderLoadConfig] = Field(min_length=1)
 
-    @model_validator(mode="after")
-    def _cover_every_unet_once(self) -> DecoderLoadConfig:
+    @field_validator("unet_sources")
+    @classmethod
+    def _cover_every_unet_once(cls, sources: list[SingleDecoderLoadConfig]) -> list[SingleDecoderLoadConfig]:
         seen: dict[int, int] = {}
-        for index, source in enumerate(self.unet_sources):
+        for index, source in enumerate(sources):
             for number in source.unet_numbers:
                 if number in seen:
                     raise ValueError(
-                        f"unet {number} comes from both unet_sources[{seen[number]}] "
-                        f"and unet_sources[{index}]"
+                        f"unet {number} comes from both unet_sources[{seen[number]}] and unet_sources[{index}]"
                     )
                 seen[number] = index
         missing = sorted(set(range(1, max(seen) + 1)) - set(seen))
         if missing:
             raise ValueError(f"no source gives unet(s) {missing}: cover 1..{max(seen)} exactly once")
-        return self
+        return sources
 
     @property
     def num_unets(self) -> int:
@@ -269,9 +267,7 @@ def find_config(name_or_path: str) -> Path:
     if name_or_path.endswith(".json") and name_or_path[:-5] in configs:
         return configs[name_or_path[:-5]]
     known = ", ".join(configs) or "none"
-    raise InputError(
-        f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs ({known})"
-    )
+    raise InputError(f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs ({known})")
 
 
 def load_config(name_or_path: str) -> ModelLoadConfig:

@@ -8,6 +8,7 @@ under its final name.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
 import sys
@@ -94,11 +95,12 @@ def download(url: str, target: Path, expected_sha256: str | None = None) -> None
             raise Dalle2Error(f"download of {url} stopped early: got {received} of {length} bytes")
         actual = digest.hexdigest()
         if expected_sha256 is not None and actual != expected_sha256:
-            raise Dalle2Error(
-                f"download of {url} has sha256 {actual}, expected {expected_sha256}; nothing was cached"
-            )
+            raise Dalle2Error(f"download of {url} has sha256 {actual}, expected {expected_sha256}; nothing was cached")
         os.replace(tmp_name, target)
         _record_sha256(target, actual)
+    except (http.client.HTTPException, OSError) as error:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise Dalle2Error(f"download of {url} failed: {error!r}") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -126,8 +128,7 @@ def _remote_checksum(file: File, have_cached: bool) -> str | None:
             text = Path(file.checksum_file_path).read_text()
     except (Dalle2Error, OSError) as error:
         if have_cached:
-            print(f"warning: cannot check {file.path} for updates ({error}); using the cached file",
-                  file=sys.stderr)
+            print(f"warning: cannot check {file.path} for updates ({error}); using the cached file", file=sys.stderr)
             return None
         raise
     match = re.search(r"(?:sha256:)?\b([0-9a-f]{64})\b", text)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dalle2_cli.errors import InputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading inputs stays fast
+    import torch
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -73,19 +76,22 @@ def open_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
         raise InputError(f"mask {path} marks nothing to regenerate: paint the area to change white")
     if regenerate.all():
         raise InputError(
-            f"mask {path} marks the whole image to regenerate: keep some of it black "
-            "(or use text2im / variation)"
+            f"mask {path} marks the whole image to regenerate: keep some of it black (or use text2im / variation)"
         )
     return regenerate
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """[3, H, W] float in [0, 1]."""
+    import torch
+
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def to_pil(tensor: torch.Tensor) -> Image.Image:
+    import torch
+
     array = (tensor.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
     return Image.fromarray(array.permute(1, 2, 0).cpu().numpy(), "RGB")
 

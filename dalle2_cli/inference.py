@@ -78,8 +78,9 @@ class InferenceScript:
         self._record = {"batch_size": self.settings.batch_size}
         if uses_prior:
             steps, scale = self.prior_settings()
-            self._record.update(prior_steps=steps, prior_cond_scale=scale,
-                                prior_samples_per_image=self.settings.num_samples_per_batch)
+            self._record.update(
+                prior_steps=steps, prior_cond_scale=scale, prior_samples_per_image=self.settings.num_samples_per_batch
+            )
         steps, scales = self.decoder_settings()
         self._record.update(decoder_steps=steps, decoder_cond_scale=scales)
         torch.manual_seed(self.seed)
@@ -109,12 +110,9 @@ class InferenceScript:
         steps = []
         for number in range(count):
             trained = decoder.noise_schedulers[number].num_timesteps
-            chosen = (wanted_steps[number] or default_steps[number]
-                      or decoder.sample_timesteps[number] or trained)
+            chosen = wanted_steps[number] or default_steps[number] or decoder.sample_timesteps[number] or trained
             if not 1 <= chosen <= trained:
-                raise InputError(
-                    f"decoder steps for unet {number + 1} must be between 1 and {trained}, got {chosen}"
-                )
+                raise InputError(f"decoder steps for unet {number + 1} must be between 1 and {trained}, got {chosen}")
             steps.append(chosen)
         if any(s != 1.0 for s in scales) and not decoder.can_classifier_guidance:
             raise InputError("this decoder was trained without conditioning dropout: its cond scale must be 1")
@@ -140,9 +138,15 @@ class InferenceScript:
     # -- the two sampling loops, with dalle2-laion's arguments -------------------------------
 
     @torch.inference_mode()
-    def _sample_prior(self, text_or_tokens: Sequence[str] | torch.Tensor, cond_scale: float | None = None,
-                      sample_count: int = 1, batch_size: int = 100,
-                      num_samples_per_batch: int = 2, timesteps: int | None = None) -> dict[int, list[torch.Tensor]]:
+    def _sample_prior(
+        self,
+        text_or_tokens: Sequence[str] | torch.Tensor,
+        cond_scale: float | None = None,
+        sample_count: int = 1,
+        batch_size: int = 100,
+        num_samples_per_batch: int = 2,
+        timesteps: int | None = None,
+    ) -> dict[int, list[torch.Tensor]]:
         """CLIP image embeddings for each text: {text index: [sample_count embeddings]}."""
         steps, default_scale = self.prior_settings()
         timesteps = timesteps or steps
@@ -151,24 +155,31 @@ class InferenceScript:
         jobs = [index for index in range(tokens.shape[0]) for _ in range(sample_count)]
         results: dict[int, list[torch.Tensor]] = {index: [] for index in range(tokens.shape[0])}
         for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start:start + batch_size]
+            chunk = jobs[start : start + batch_size]
             embeds = self.models.prior.sample(
-                tokens[chunk].to(self.device), num_samples_per_batch=num_samples_per_batch,
-                cond_scale=cond_scale, timesteps=timesteps,
+                tokens[chunk].to(self.device),
+                num_samples_per_batch=num_samples_per_batch,
+                cond_scale=cond_scale,
+                timesteps=timesteps,
             )
-            for index, embed in zip(chunk, embeds):
+            for index, embed in zip(chunk, embeds, strict=True):
                 results[index].append(embed)
         return results
 
     @torch.inference_mode()
-    def _sample_decoder(self, images: Sequence[Image.Image] | None = None,
-                        image_embed: Sequence[torch.Tensor] | torch.Tensor | None = None,
-                        text: Sequence[str] | str | None = None,
-                        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None = None,
-                        inpaint_images: Sequence[Image.Image] | None = None,
-                        inpaint_image_masks: Sequence[np.ndarray | torch.Tensor] | None = None,
-                        cond_scale: list[float] | float | None = None, sample_count: int = 1,
-                        batch_size: int = 10, timesteps: list[int] | None = None) -> dict[int, list[Image.Image]]:
+    def _sample_decoder(
+        self,
+        images: Sequence[Image.Image] | None = None,
+        image_embed: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        text: Sequence[str] | str | None = None,
+        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        inpaint_images: Sequence[Image.Image] | None = None,
+        inpaint_image_masks: Sequence[np.ndarray | torch.Tensor] | None = None,
+        cond_scale: list[float] | float | None = None,
+        sample_count: int = 1,
+        batch_size: int = 10,
+        timesteps: list[int] | None = None,
+    ) -> dict[int, list[Image.Image]]:
         """Images for each input: {input index: [sample_count images]}.
 
         Give exactly one of `images` (variations of them) and `image_embed`. `inpaint_image_masks`
@@ -182,8 +193,9 @@ class InferenceScript:
         decoder = self.models.decoder
         steps, default_scales = self.decoder_settings()
         timesteps = timesteps or steps
-        scales = _per_unet(cond_scale if isinstance(cond_scale, list) else None, decoder.num_unets, "cond_scale") \
-            or ([cond_scale] * decoder.num_unets if cond_scale is not None else default_scales)
+        scales = _per_unet(cond_scale if isinstance(cond_scale, list) else None, decoder.num_unets, "cond_scale") or (
+            [cond_scale] * decoder.num_unets if cond_scale is not None else default_scales
+        )
 
         encodings = None
         if decoder.condition_on_text_encodings:
@@ -210,7 +222,7 @@ class InferenceScript:
         decoder.sample_timesteps = tuple(timesteps)
         try:
             for start in range(0, len(jobs), batch_size):
-                chunk = jobs[start:start + batch_size]
+                chunk = jobs[start : start + batch_size]
                 extra = {}
                 if encodings is not None:
                     extra["text_encodings"] = encodings[chunk].to(self.device)
@@ -221,14 +233,15 @@ class InferenceScript:
                 if keep_images is not None:  # exact pixels outside the mask, whatever the rounding
                     keep = keep_masks[chunk].unsqueeze(1).to(out.device)
                     out = torch.where(keep, keep_images[chunk].to(out.device), out.float().clamp(0, 1))
-                for index, tensor in zip(chunk, out):
+                for index, tensor in zip(chunk, out, strict=True):
                     results[index].append(to_pil(tensor))
         finally:
             decoder.sample_timesteps = saved_steps
         return results
 
-    def _records(self, results: dict[int, list[Image.Image]], prompts: Sequence[str | None],
-                 sources: Sequence[str | None]) -> list[GeneratedImage]:
+    def _records(
+        self, results: dict[int, list[Image.Image]], prompts: Sequence[str | None], sources: Sequence[str | None]
+    ) -> list[GeneratedImage]:
         settings = dict(self._record)
         return [
             GeneratedImage(image, self.seed, position, prompts[index], sources[index], settings)
@@ -258,8 +271,9 @@ class TextToImage(InferenceScript):
             raise InputError("a prompt is empty: describe the image to make")
         self._start(uses_prior=True)
         s = self.settings
-        embeds = self._sample_prior(prompts, sample_count=num_images, batch_size=s.batch_size,
-                                    num_samples_per_batch=s.num_samples_per_batch)
+        embeds = self._sample_prior(
+            prompts, sample_count=num_images, batch_size=s.batch_size, num_samples_per_batch=s.num_samples_per_batch
+        )
         flat = [embed for index in range(len(prompts)) for embed in embeds[index]]
         texts = [prompt for prompt in prompts for _ in range(num_images)]
         images = self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size)
@@ -271,22 +285,34 @@ class TextToImage(InferenceScript):
 class ImageVariation(InferenceScript):
     """Images -> CLIP image embeddings -> decoder: new images with the same content."""
 
-    def run(self, images: Sequence[Image.Image], num_images: int = 1, text: str | None = None,
-            sources: Sequence[str] | None = None) -> list[GeneratedImage]:
+    def run(
+        self,
+        images: Sequence[Image.Image],
+        num_images: int = 1,
+        text: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> list[GeneratedImage]:
         _check_count(num_images)
         if not images:
             raise InputError("give at least one image to make variations of")
         self._start(uses_prior=False)
-        results = self._sample_decoder(images=list(images), text=text, sample_count=num_images,
-                                       batch_size=self.settings.batch_size)
+        results = self._sample_decoder(
+            images=list(images), text=text, sample_count=num_images, batch_size=self.settings.batch_size
+        )
         return self._records(results, [text] * len(images), list(sources or [None] * len(images)))
 
 
 class Inpainting(InferenceScript):
     """Regenerate the masked area of an image, following a prompt or the image itself."""
 
-    def run(self, image: Image.Image, mask: np.ndarray, prompt: str | None = None,
-            num_images: int = 1, source: str | None = None) -> list[GeneratedImage]:
+    def run(
+        self,
+        image: Image.Image,
+        mask: np.ndarray,
+        prompt: str | None = None,
+        num_images: int = 1,
+        source: str | None = None,
+    ) -> list[GeneratedImage]:
         """`mask` is True where the image is to be regenerated."""
         _check_count(num_images)
         if prompt is not None and not prompt.strip():
@@ -294,13 +320,20 @@ class Inpainting(InferenceScript):
         self._start(uses_prior=prompt is not None)
         s = self.settings
         if prompt is not None:
-            embeds = self._sample_prior([prompt], sample_count=num_images, batch_size=s.batch_size,
-                                        num_samples_per_batch=s.num_samples_per_batch)[0]
+            embeds = self._sample_prior(
+                [prompt],
+                sample_count=num_images,
+                batch_size=s.batch_size,
+                num_samples_per_batch=s.num_samples_per_batch,
+            )[0]
         else:
             embeds = list(self._embed_images([image]).expand(num_images, -1))
         results = self._sample_decoder(
-            image_embed=embeds, text=[prompt or ""] * num_images, batch_size=s.batch_size,
-            inpaint_images=[image] * num_images, inpaint_image_masks=[mask] * num_images,
+            image_embed=embeds,
+            text=[prompt or ""] * num_images,
+            batch_size=s.batch_size,
+            inpaint_images=[image] * num_images,
+            inpaint_image_masks=[mask] * num_images,
         )
         grouped = {0: [results[k][0] for k in range(num_images)]}
         return self._records(grouped, [prompt], [source])

@@ -8,7 +8,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from dalle2_pytorch import Decoder, DiffusionPrior
 from dalle2_pytorch.dalle2_pytorch import BaseClipAdapter
 from dalle2_pytorch.train_configs import DiffusionPriorConfig
@@ -27,9 +26,13 @@ class DalleModelManager:
     """Holds the models of one config. Nothing is loaded until a script asks for it, so a
     variation, which needs no prior, never reads the prior's file."""
 
-    def __init__(self, config: ModelLoadConfig, device: str | None = None,
-                 resolve: Callable[[File], Path] = resolve_file,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        config: ModelLoadConfig,
+        device: str | None = None,
+        resolve: Callable[[File], Path] = resolve_file,
+        log: Callable[[str], None] | None = None,
+    ):
         self.config = config
         self.device = resolve_device(device or config.device)
         self.resolve = resolve
@@ -81,8 +84,7 @@ class DalleModelManager:
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
-            self._clip = build_clip(clip_config, resolve, self.config.strict_loading,
-                                    self.map_location).to(self.device)
+            self._clip = build_clip(clip_config, resolve, self.config.strict_loading, self.map_location).to(self.device)
         return self._clip
 
     @property
@@ -114,15 +116,18 @@ class DalleModelManager:
                 f"but the CLIP's are {clip.dim_latent}-d: they were not trained together"
             )
         prior = prior_config.create()
-        self._warn(load_weights(prior, checkpoint.state_dict, self.config.strict_loading,
-                                f"prior {checkpoint.path}", checkpoint.version))
+        self._warn(
+            load_weights(
+                prior, checkpoint.state_dict, self.config.strict_loading, f"prior {checkpoint.path}", checkpoint.version
+            )
+        )
         prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
         return prior.to(self.device).eval()
 
     def _load_decoder(self) -> Decoder:
         sources = self._require("decoder").unet_sources
         parts_by_unet = {}
-        for index, source in enumerate(sources):
+        for source in sources:
             role = f"decoder unets {','.join(map(str, source.unet_numbers))}"
             checkpoint = self._checkpoint(role, source.load_model_from)
             data = self._model_config(role, checkpoint, source.load_config_from)
@@ -132,8 +137,15 @@ class DalleModelManager:
         decoder = stitched_config(parts_by_unet).create()
         versions = {p.checkpoint.version for p in parts_by_unet.values()} - {None}
         names = ", ".join(sorted({p.name for p in parts_by_unet.values()}))
-        self._warn(load_weights(decoder, stitched_state_dict(parts_by_unet), self.config.strict_loading,
-                                f"decoder {names}", next(iter(versions), None)))
+        self._warn(
+            load_weights(
+                decoder,
+                stitched_state_dict(parts_by_unet),
+                self.config.strict_loading,
+                f"decoder {names}",
+                next(iter(versions), None),
+            )
+        )
         self._check_decoder_fits_clip(decoder, names)
         return decoder.to(self.device).eval()
 

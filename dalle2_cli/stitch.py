@@ -10,6 +10,7 @@ decoder on the meta device, which allocates no memory.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ def parse_decoder_config(data: dict[str, Any], where: str) -> DecoderConfig:
         raise InputError(f"decoder config of {where} is invalid: {detail}") from None
 
 
-def read_part(source: SingleDecoderLoadConfig, path: Path, checkpoint: Checkpoint,
-              config: dict[str, Any]) -> DecoderPart:
+def read_part(
+    source: SingleDecoderLoadConfig, path: Path, checkpoint: Checkpoint, config: dict[str, Any]
+) -> DecoderPart:
     decoder_config = parse_decoder_config(config, str(path))
     have = len(decoder_config.unets)
     for number in source.unet_numbers:
@@ -65,7 +67,7 @@ def read_part(source: SingleDecoderLoadConfig, path: Path, checkpoint: Checkpoin
 def check_fit(parts_by_unet: dict[int, DecoderPart]) -> None:
     """Refuse pieces that cannot form one cascade, naming the two files that disagree."""
     numbers = sorted(parts_by_unet)
-    for lower, upper in zip(numbers, numbers[1:]):
+    for lower, upper in pairwise(numbers):
         a, b = parts_by_unet[lower], parts_by_unet[upper]
         size_a, size_b = a.layout.image_sizes[lower - 1], b.layout.image_sizes[upper - 1]
         if size_b <= size_a:
@@ -82,8 +84,7 @@ def check_fit(parts_by_unet: dict[int, DecoderPart]) -> None:
         channels_a, channels_b = a.config.channels, b.config.channels
         if channels_a != channels_b:
             raise InputError(
-                f"unet {lower} ({a.name}) has {channels_a} channels but unet {upper} ({b.name}) "
-                f"has {channels_b}"
+                f"unet {lower} ({a.name}) has {channels_a} channels but unet {upper} ({b.name}) has {channels_b}"
             )
 
 
@@ -98,10 +99,20 @@ def stitched_config(parts_by_unet: dict[int, DecoderPart]) -> DecoderConfig:
     """The decoder config of the whole cascade, each unet keeping its own file's settings."""
     numbers = sorted(parts_by_unet)
     base = parts_by_unet[numbers[0]]
-    per_unet: dict[str, list[Any]] = {key: [] for key in (
-        "unets", "image_sizes", "beta_schedule", "learned_variance", "sample_timesteps",
-        "predict_x_start", "predict_v", "use_noise_for_lowres_cond", "use_blur_for_lowres_cond",
-    )}
+    per_unet: dict[str, list[Any]] = {
+        key: []
+        for key in (
+            "unets",
+            "image_sizes",
+            "beta_schedule",
+            "learned_variance",
+            "sample_timesteps",
+            "predict_x_start",
+            "predict_v",
+            "use_noise_for_lowres_cond",
+            "use_blur_for_lowres_cond",
+        )
+    }
     for number in numbers:
         part, index = parts_by_unet[number], number - 1
         layout = part.layout
@@ -126,8 +137,7 @@ def stitched_state_dict(parts_by_unet: dict[int, DecoderPart]) -> dict[str, torc
     """Each unet's weights (and noise-schedule buffers) from the file that gives that unet."""
     base = parts_by_unet[min(parts_by_unet)]
     merged = {
-        key: value for key, value in base.checkpoint.state_dict.items()
-        if key.split(".", 1)[0] not in PER_UNET_MODULES
+        key: value for key, value in base.checkpoint.state_dict.items() if key.split(".", 1)[0] not in PER_UNET_MODULES
     }
     for number, part in parts_by_unet.items():
         prefixes = tuple(f"{module}.{number - 1}." for module in PER_UNET_MODULES)

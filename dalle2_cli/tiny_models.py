@@ -24,6 +24,7 @@ Layout = Literal["tracker", "checkpoint", "bare"]
 
 EMBED_DIM = 32
 TEXT_LEN = 16
+TRAIN_STEPS = 3  # the first EMA update copies the weights; later ones make EMA differ from them
 
 CLIP_ARCHITECTURE: dict[str, Any] = {
     "embed_dim": EMBED_DIM,
@@ -34,16 +35,32 @@ CLIP_ARCHITECTURE: dict[str, Any] = {
 
 def prior_config(timesteps: int = 100) -> dict[str, Any]:
     return {
-        "net": {"dim": EMBED_DIM, "depth": 1, "dim_head": 16, "heads": 2, "max_text_len": TEXT_LEN,
-                "num_timesteps": timesteps},
-        "image_embed_dim": EMBED_DIM, "image_size": 32, "timesteps": timesteps,
-        "cond_drop_prob": 0.1, "condition_on_text_encodings": True,
+        "net": {
+            "dim": EMBED_DIM,
+            "depth": 1,
+            "dim_head": 16,
+            "heads": 2,
+            "max_text_len": TEXT_LEN,
+            "num_timesteps": timesteps,
+        },
+        "image_embed_dim": EMBED_DIM,
+        "image_size": 32,
+        "timesteps": timesteps,
+        "cond_drop_prob": 0.1,
+        "condition_on_text_encodings": True,
     }
 
 
 def unet_config(base: bool) -> dict[str, Any]:
-    config = {"dim": 8, "dim_mults": [1, 2], "cond_dim": 16, "attn_dim_head": 8, "attn_heads": 2,
-              "self_attn": [False, False], "init_cross_embed": False}
+    config = {
+        "dim": 8,
+        "dim_mults": [1, 2],
+        "cond_dim": 16,
+        "attn_dim_head": 8,
+        "attn_heads": 2,
+        "self_attn": [False, False],
+        "init_cross_embed": False,
+    }
     if base:
         config.update(image_embed_dim=EMBED_DIM, text_embed_dim=EMBED_DIM, cond_on_text_encodings=True)
     return config
@@ -52,14 +69,22 @@ def unet_config(base: bool) -> dict[str, Any]:
 def decoder_config(image_sizes: list[int], base: bool, timesteps: int = 100) -> dict[str, Any]:
     """A decoder with one unet per image size; unet 1 is the base only when `base`."""
     unets = [unet_config(base=(i == 0)) for i in range(len(image_sizes))]
-    return {"unets": unets, "image_sizes": image_sizes, "timesteps": timesteps,
-            "image_cond_drop_prob": 0.1, "text_cond_drop_prob": 0.5}
+    return {
+        "unets": unets,
+        "image_sizes": image_sizes,
+        "timesteps": timesteps,
+        "image_cond_drop_prob": 0.1,
+        "text_cond_drop_prob": 0.5,
+    }
 
 
 def training_config(section: str, model_config: dict[str, Any]) -> dict[str, Any]:
     """The shape of a real embedded config: the whole training config, model under `section`."""
-    return {section: model_config, "train": {"use_ema": True, "epochs": 1},
-            "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local"}}}
+    return {
+        section: model_config,
+        "train": {"use_ema": True, "epochs": 1},
+        "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local"}},
+    }
 
 
 def _tracker(config: dict[str, Any]) -> Tracker:
@@ -87,24 +112,33 @@ def make_prior(path: Path, layout: Layout = "tracker") -> None:
     prior = DiffusionPriorConfig(**config).create()
     trainer = DiffusionPriorTrainer(prior, lr=1e-4, ema_beta=0.9, ema_update_after_step=0, ema_update_every=1)
     batch = 2
-    loss = trainer(text_embed=torch.randn(batch, EMBED_DIM), image_embed=torch.randn(batch, EMBED_DIM),
-                   text_encodings=torch.randn(batch, TEXT_LEN, EMBED_DIM))
-    trainer.update()
-    assert torch.isfinite(torch.tensor(loss))
+    for _ in range(TRAIN_STEPS):
+        trainer(
+            text_embed=torch.randn(batch, EMBED_DIM),
+            image_embed=torch.randn(batch, EMBED_DIM),
+            text_encodings=torch.randn(batch, TEXT_LEN, EMBED_DIM),
+        )
+        trainer.update()
     _save(trainer, layout, path, "prior", config)
 
 
-def make_decoder(path: Path, image_sizes: list[int], train_unets: list[int], layout: Layout = "tracker",
-                 timesteps: int = 100) -> None:
+def make_decoder(
+    path: Path, image_sizes: list[int], train_unets: list[int], layout: Layout = "tracker", timesteps: int = 100
+) -> None:
     config = decoder_config(image_sizes, base=True, timesteps=timesteps)
     decoder = DecoderConfig(**config).create()
     trainer = DecoderTrainer(decoder, lr=1e-4, ema_beta=0.9, ema_update_after_step=0, ema_update_every=1)
     batch = 2
     images = torch.rand(batch, 3, image_sizes[-1], image_sizes[-1])
     for number in train_unets:
-        trainer(images, image_embed=torch.randn(batch, EMBED_DIM),
-                text_encodings=torch.randn(batch, TEXT_LEN, EMBED_DIM), unet_number=number)
-        trainer.update(number)
+        for _ in range(TRAIN_STEPS):
+            trainer(
+                images,
+                image_embed=torch.randn(batch, EMBED_DIM),
+                text_encodings=torch.randn(batch, TEXT_LEN, EMBED_DIM),
+                unet_number=number,
+            )
+            trainer.update(number)
     _save(trainer, layout, path, "decoder", config)
 
 
@@ -132,8 +166,14 @@ def file_entry(path: Path, prefix: str | None = None, with_config: bool = False)
     return entry
 
 
-def write_tiny_model(directory: Path, layout: Layout = "tracker", split_decoder: bool = True,
-                     seed: int = 0, path_prefix: str | None = None, config_path: Path | None = None) -> Path:
+def write_tiny_model(
+    directory: Path,
+    layout: Layout = "tracker",
+    split_decoder: bool = True,
+    seed: int = 0,
+    path_prefix: str | None = None,
+    config_path: Path | None = None,
+) -> Path:
     """Write CLIP, prior and decoder files into `directory` and a config naming them; return it.
 
     The config goes to `config_path` (default `directory/config.json`); it names each file by
@@ -152,18 +192,34 @@ def write_tiny_model(directory: Path, layout: Layout = "tracker", split_decoder:
         make_decoder(directory / f"decoder-base{suffix}", [16], [1], layout)
         make_decoder(directory / f"decoder-upsampler{suffix}", [16, 32], [2], layout)
         sources = [
-            {**file_entry(directory / f"decoder-base{suffix}", path_prefix, with_config), "unet_numbers": [1],
-             "default_sample_timesteps": [10], "default_cond_scale": [1.0]},
-            {**file_entry(directory / f"decoder-upsampler{suffix}", path_prefix, with_config), "unet_numbers": [2],
-             "default_sample_timesteps": [10], "default_cond_scale": [1.0]},
+            {
+                **file_entry(directory / f"decoder-base{suffix}", path_prefix, with_config),
+                "unet_numbers": [1],
+                "default_sample_timesteps": [10],
+                "default_cond_scale": [1.0],
+            },
+            {
+                **file_entry(directory / f"decoder-upsampler{suffix}", path_prefix, with_config),
+                "unet_numbers": [2],
+                "default_sample_timesteps": [10],
+                "default_cond_scale": [1.0],
+            },
         ]
     else:
         make_decoder(directory / f"decoder{suffix}", [16, 32], [1, 2], layout)
-        sources = [{**file_entry(directory / f"decoder{suffix}", path_prefix, with_config), "unet_numbers": [1, 2],
-                    "default_sample_timesteps": [10, 10]}]
+        sources = [
+            {
+                **file_entry(directory / f"decoder{suffix}", path_prefix, with_config),
+                "unet_numbers": [1, 2],
+                "default_sample_timesteps": [10, 10],
+            }
+        ]
     config = {
-        "clip": {"make": "open_clip", "architecture": CLIP_ARCHITECTURE,
-                 "load_model_from": file_entry(directory / "clip.safetensors", path_prefix)["load_model_from"]},
+        "clip": {
+            "make": "open_clip",
+            "architecture": CLIP_ARCHITECTURE,
+            "load_model_from": file_entry(directory / "clip.safetensors", path_prefix)["load_model_from"],
+        },
         "prior": {**file_entry(directory / f"prior{suffix}", path_prefix, with_config), "default_sample_timesteps": 10},
         "decoder": {"unet_sources": sources},
     }

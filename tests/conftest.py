@@ -1,0 +1,29 @@
+"""Fixtures: tiny models written by dalle2-pytorch's own trainers, in each real format."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from dalle2_cli.tiny_models import write_tiny_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Config paths of the same tiny architecture saved in three layouts."""
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "tracker": write_tiny_model(root / "tracker", layout="tracker", seed=0),
+        "checkpoint": write_tiny_model(root / "checkpoint", layout="checkpoint", seed=1),
+        "bare": write_tiny_model(root / "bare", layout="bare", seed=2),
+        "single": write_tiny_model(root / "single", layout="tracker", split_decoder=False, seed=3),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_models) -> Path:
+    return tiny_models["tracker"]

@@ -1,0 +1,31 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def edit_config(source: Path, target: Path, edit) -> Path:
+    data = json.loads(source.read_text())
+    edit(data)
+    target.write_text(json.dumps(data))
+    return target
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None):
+    """The real `dalle2` command in a subprocess."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dalle2_cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"dalle2 {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+    return result
