@@ -67,6 +67,7 @@ class InferenceScript:
         if self.settings.num_samples_per_batch < 1:
             raise InputError("the prior needs at least 1 sample per image to rank")
         self.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+        self._record: dict[str, Any] = {}  # the settings in effect, filled by _start
 
     @property
     def device(self) -> torch.device:
