@@ -14,7 +14,6 @@ import torch
 from dalle2_pytorch.dalle2_pytorch import (
     BaseClipAdapter,
     CoCaAdapter,
-    OpenAIClipAdapter,
     OpenClipAdapter,
     XClipAdapter,
 )
@@ -29,7 +28,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class _Prebuilt:
-    """Wrap an already-built OpenAI or open_clip model the way dalle2-pytorch's adapters do."""
+    """Wrap an already-built open_clip model the way dalle2-pytorch's adapters do."""
 
     def _setup(self, model: torch.nn.Module, normalize: Normalize) -> None:
         BaseClipAdapter.__init__(self, model)
@@ -38,15 +37,10 @@ class _Prebuilt:
         self.clip_normalize = normalize
         self.cleared = False
         # dalle2-pytorch reports the text width here; the embeddings have the joint size.
-        self._dim_latent = self.dim_latent_ = _joint_dim(model)
+        self._dim_latent = _joint_dim(model)
 
 
 class PrebuiltOpenClipAdapter(_Prebuilt, OpenClipAdapter):
-    def __init__(self, model: torch.nn.Module, normalize: Normalize):
-        self._setup(model, normalize)
-
-
-class PrebuiltOpenAIClipAdapter(_Prebuilt, OpenAIClipAdapter):
     def __init__(self, model: torch.nn.Module, normalize: Normalize):
         self._setup(model, normalize)
 
@@ -89,18 +83,38 @@ def _load_file(model: torch.nn.Module, file: File, resolve, strict: bool, map_lo
     load_weights(model, checkpoint.state_dict, strict, what=f"CLIP weights {path}", version=checkpoint.version)
 
 
-def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
-    if config.load_model_from is None:
-        return OpenAIClipAdapter(config.model)  # downloads from OpenAI, as dalle2-laion did
-    import clip as openai_clip
+def openai_name_in_open_clip(name: str) -> str:
+    """OpenAI's model names as open_clip spells them: `ViT-L/14@336px` -> `ViT-L-14-336`."""
+    return name.replace("/", "-").replace("@336px", "-336")
 
-    path = resolve(config.load_model_from)
-    state_dict = read_checkpoint(path, map_location=map_location).state_dict
-    try:
-        model = openai_clip.model.build_model(state_dict).float()
-    except (KeyError, RuntimeError, IndexError) as error:
-        raise InputError(f"{path} is not an OpenAI CLIP state dict ({error})") from None
-    return PrebuiltOpenAIClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
+
+def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+    # OpenAI's models are built by open_clip: dalle2-pytorch's OpenAIClipAdapter goes through
+    # clip-anytorch, which imports pkg_resources and so fails under current setuptools.
+    import open_clip
+
+    if config.load_model_from is None:
+        name = openai_name_in_open_clip(config.model)
+        try:
+            model = open_clip.create_model(name, pretrained="openai")
+        except RuntimeError as error:
+            raise InputError(f"cannot get OpenAI CLIP {config.model!r} through open_clip: {error}") from None
+    else:
+        path = resolve(config.load_model_from)
+        checkpoint = read_checkpoint(path, map_location=map_location)
+        weights = {
+            k: v
+            for k, v in checkpoint.state_dict.items()
+            if k not in ("input_resolution", "context_length", "vocab_size")
+        }
+        try:
+            # open_clip reads the architecture off the shapes (and loads a half-precision copy:
+            # the exact weights are loaded again below, strictly).
+            model = open_clip.model.build_model_from_openai_state_dict(dict(checkpoint.state_dict)).float()
+        except (KeyError, RuntimeError, IndexError, ValueError) as error:
+            raise InputError(f"{path} is not an OpenAI CLIP state dict ({error})") from None
+        load_weights(model, weights, strict, what=f"CLIP weights {path}", version=checkpoint.version)
+    return PrebuiltOpenClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
 
 
 def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:

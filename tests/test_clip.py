@@ -1,0 +1,138 @@
+"""Each CLIP make built from an architecture or name and loaded from a weights file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dalle2_cli.clip import build_clip, text_encoding_dim, tokenize
+from dalle2_cli.config import ClipConfig, File
+from dalle2_cli.errors import InputError
+from dalle2_cli.files import resolve_file
+
+XCLIP = {
+    "dim_text": 32,
+    "dim_image": 32,
+    "dim_latent": 24,
+    "num_text_tokens": 49408,
+    "text_enc_depth": 1,
+    "text_seq_len": 16,
+    "text_heads": 2,
+    "visual_enc_depth": 1,
+    "visual_image_size": 32,
+    "visual_patch_size": 8,
+    "visual_heads": 2,
+}
+COCA = {
+    "dim": 32,
+    "num_tokens": 49408,
+    "unimodal_depth": 1,
+    "multimodal_depth": 1,
+    "dim_head": 16,
+    "heads": 2,
+    "caption_loss_weight": 1.0,
+    "contrastive_loss_weight": 1.0,
+}
+
+
+def _openai_state_dict() -> dict[str, torch.Tensor]:
+    """A tiny CLIP in OpenAI's key layout (what OpenAI's `clip.model.CLIP.state_dict()` holds)."""
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(
+        embed_dim=32,
+        quick_gelu=True,
+        vision_cfg={"image_size": 32, "layers": 1, "width": 64, "patch_size": 8},
+        text_cfg={"context_length": 16, "width": 64, "heads": 1, "layers": 1},
+    )
+    state = model.state_dict()
+    state.pop("logit_bias", None)
+    state["input_resolution"], state["context_length"], state["vocab_size"] = (
+        torch.tensor(32),
+        torch.tensor(16),
+        torch.tensor(49408),
+    )
+    return state
+
+
+def _saved(model: torch.nn.Module, path) -> File:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return File(load_type="local", path=str(path))
+
+
+def _embed(adapter, texts=("a red circle", "a blue square")):
+    text_embed, encodings = adapter.embed_text(tokenize(adapter, list(texts)))
+    image_embed, _ = adapter.embed_image(torch.rand(2, 3, adapter.image_size, adapter.image_size))
+    return text_embed, encodings, image_embed
+
+
+def test_x_clip_from_a_file_loads_its_weights(tmp_path):
+    from x_clip import CLIP
+
+    torch.manual_seed(0)
+    original = CLIP(**XCLIP)
+    config = ClipConfig(make="x-clip", architecture=XCLIP, load_model_from=_saved(original, tmp_path / "x.safetensors"))
+    adapter = build_clip(config, resolve_file)
+    assert torch.equal(adapter.clip.to_text_latent.weight, original.to_text_latent.weight)
+    text_embed, encodings, image_embed = _embed(adapter)
+    assert text_embed.shape == image_embed.shape == (2, 24) and adapter.dim_latent == 24
+    assert encodings.shape[-1] == text_encoding_dim(adapter) == 32
+
+
+def test_coca_from_a_file_embeds_text_with_its_adapter_overrides(tmp_path):
+    from coca_pytorch import CoCa
+
+    torch.manual_seed(0)
+    original = CoCa(**COCA)
+    overrides = {"image_size": 32, "image_channels": 3, "max_text_len": 16}
+    path = tmp_path / "coca.pth"
+    torch.save(original.state_dict(), path)  # CoCa ties weights, which safetensors will not save
+    config = ClipConfig(
+        make="coca",
+        architecture=COCA,
+        adapter_overrides=overrides,
+        load_model_from=File(load_type="local", path=str(path)),
+    )
+    adapter = build_clip(config, resolve_file)
+    assert adapter.max_text_len == 16 and adapter.dim_latent == 32
+    text_embed, encodings = adapter.embed_text(tokenize(adapter, ["a red circle"]))
+    assert text_embed.shape == (1, 32) and encodings.shape[:2] == (1, 16)
+
+
+def test_openai_clip_is_rebuilt_from_a_state_dict_without_jit_or_download(tmp_path):
+    state = _openai_state_dict()
+    path = tmp_path / "openai.pth"
+    torch.save(state, path)
+    config = ClipConfig(make="openai", model="ViT-L/14", load_model_from=File(load_type="local", path=str(path)))
+    adapter = build_clip(config, resolve_file)
+    # The architecture comes from the weights' shapes, not the name (open_clip derives it).
+    assert adapter.image_size == 32 and adapter.max_text_len == 16 and adapter.dim_latent == 32
+    assert torch.equal(adapter.clip.text_projection, state["text_projection"])
+    text_embed, encodings, image_embed = _embed(adapter)
+    assert torch.allclose(text_embed.norm(dim=-1), torch.ones(2))  # embeddings come out l2-normalised
+    assert encodings.shape == (2, 16, 64) and image_embed.shape == (2, 32)
+
+
+def test_openai_names_map_to_open_clip():
+    from dalle2_cli.clip import openai_name_in_open_clip
+
+    assert openai_name_in_open_clip("ViT-L/14") == "ViT-L-14"
+    assert openai_name_in_open_clip("ViT-L/14@336px") == "ViT-L-14-336"
+
+
+def test_open_clip_weights_that_do_not_fit_the_architecture(tmp_path):
+    import open_clip
+
+    small = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+        "text_cfg": {"context_length": 16, "width": 16, "heads": 2, "layers": 1},
+    }
+    other = {**small, "text_cfg": {**small["text_cfg"], "layers": 2}}
+    file = _saved(open_clip.CLIP(**other), tmp_path / "clip.safetensors")
+    with pytest.raises(InputError, match="CLIP weights .* does not match its model: .*unexpected keys"):
+        build_clip(ClipConfig(make="open_clip", architecture=small, load_model_from=file), resolve_file)
+    with pytest.raises(InputError, match="not an open_clip model config"):
+        build_clip(ClipConfig(make="open_clip", architecture={"layers": 3}, load_model_from=file), resolve_file)
