@@ -1,0 +1,137 @@
+"""The shapes world: one circle, square or triangle on a plain background, with captions.
+
+The project's shipped model is trained on this world because it can be drawn from a seed
+(training and tests are reproducible) and judged from pixels alone (`judge`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (250, 140, 20),
+    "yellow": (245, 225, 30),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "purple": (140, 40, 190),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+}
+SHAPES = ("circle", "square", "triangle")
+DEFAULT_BACKGROUND = "white"  # what a caption that names no background means
+
+# How much of its bounding box each shape fills: what the judge tells them apart by.
+FILL_RATIO = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+@dataclass(frozen=True)
+class Scene:
+    shape: str
+    color: str
+    background: str
+    size: float  # the shape's width as a fraction of the image's
+    x: float  # the shape's centre, as fractions of the image
+    y: float
+
+    def draw(self, pixels: int = 64, supersample: int = 4) -> Image.Image:
+        """Drawn large and scaled down, so edges are anti-aliased like a photograph's."""
+        big = pixels * supersample
+        image = Image.new("RGB", (big, big), COLORS[self.background])
+        draw = ImageDraw.Draw(image)
+        half = self.size * big / 2
+        cx, cy = self.x * big, self.y * big
+        box = (cx - half, cy - half, cx + half, cy + half)
+        if self.shape == "circle":
+            draw.ellipse(box, fill=COLORS[self.color])
+        elif self.shape == "square":
+            draw.rectangle(box, fill=COLORS[self.color])
+        else:
+            draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=COLORS[self.color])
+        return image.resize((pixels, pixels), Image.Resampling.LANCZOS)
+
+
+def random_scene(
+    rng: random.Random, shape: str | None = None, color: str | None = None, background: str | None = None
+) -> Scene:
+    background = background or rng.choice(list(COLORS))
+    color = color or rng.choice([c for c in COLORS if c != background])
+    size = rng.uniform(0.25, 0.75)
+    margin = size / 2
+    return Scene(
+        shape or rng.choice(SHAPES),
+        color,
+        background,
+        size,
+        rng.uniform(margin, 1 - margin),
+        rng.uniform(margin, 1 - margin),
+    )
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    """One of several phrasings; a caption names no background only when it is white."""
+    thing = f"{scene.color} {scene.shape}"
+    size_word = "small" if scene.size < 0.4 else "big" if scene.size > 0.6 else None
+    on = f"on {_a(scene.background)} background"
+    with_background = [
+        f"{_a(thing)} {on}",
+        f"{thing}, {scene.background} background",
+        f"{_a(thing)} on {scene.background}",
+    ]
+    without = [_a(thing), f"a picture of {_a(thing)}"]
+    if size_word:
+        without.append(f"a picture of a {size_word} {thing}")
+        with_background.append(f"a {size_word} {thing} {on}")
+    phrasings = with_background + (without if scene.background == DEFAULT_BACKGROUND else [])
+    return rng.choice(phrasings)
+
+
+def _a(phrase: str) -> str:
+    return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+def samples(count: int, seed: int, pixels: int = 64) -> list[tuple[Image.Image, str, Scene]]:
+    """`count` (image, caption, scene) triples, the same for the same seed."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        scene = random_scene(rng)
+        out.append((scene.draw(pixels), caption(scene, rng), scene))
+    return out
+
+
+@dataclass(frozen=True)
+class Judgement:
+    color: str | None  # None when no foreground was found
+    shape: str | None
+    background: str
+    fill: float  # foreground pixels / bounding-box area
+
+
+def nearest_color(rgb: np.ndarray) -> str:
+    names = list(COLORS)
+    palette = np.array([COLORS[n] for n in names], dtype=np.float64)
+    return names[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
+
+
+def judge(image: Image.Image, threshold: float = 80.0) -> Judgement:
+    """What the image shows, from its pixels: background colour from the border, foreground as
+    what differs from it, the shape from how the foreground fills its bounding box."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background_rgb = np.median(border, axis=0)
+    background = nearest_color(background_rgb)
+    distance = np.sqrt(((pixels - np.array(COLORS[background])) ** 2).sum(axis=2))
+    foreground = distance > threshold
+    if foreground.sum() < 4:
+        return Judgement(None, None, background, 0.0)
+    ys, xs = np.nonzero(foreground)
+    box_area = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+    fill = float(foreground.sum() / box_area)
+    color = nearest_color(np.median(pixels[foreground], axis=0))
+    shape = min(FILL_RATIO, key=lambda name: abs(FILL_RATIO[name] - fill))
+    return Judgement(color, shape, background, fill)
