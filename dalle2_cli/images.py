@@ -16,18 +16,21 @@ if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading i
 
 def open_image(path: str | Path) -> Image.Image:
     """An RGB image from any file Pillow reads; EXIF rotation applied, transparency on white."""
-    path = Path(path)
+    return flatten_to_rgb(_read(Path(path), "image"))
+
+
+def _read(path: Path, what: str) -> Image.Image:
+    """The image in `path`, upright (EXIF orientation applied), or a one-line InputError."""
     if not path.exists():
-        raise InputError(f"image not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     if path.is_dir():
         raise InputError(f"{path} is a directory, not an image")
     try:
         with Image.open(path) as image:
             image.load()
-            image = ImageOps.exif_transpose(image)
+            return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"cannot read {path} as an image: {error}") from None
-    return flatten_to_rgb(image)
+        raise InputError(f"cannot read {what} {path} as an image: {error}") from None
 
 
 def flatten_to_rgb(image: Image.Image) -> Image.Image:
@@ -53,14 +56,7 @@ def open_mask(path: str | Path, size: tuple[int, int]) -> np.ndarray:
     with transparent pixels, transparency alone decides, as in OpenAI's image edit API.
     """
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as mask:
-            mask.load()
-            mask = ImageOps.exif_transpose(mask)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise InputError(f"cannot read mask {path} as an image: {error}") from None
+    mask = _read(path, "mask")
     if mask.size != size:
         raise InputError(
             f"mask {path} is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}: "
