@@ -29,6 +29,7 @@ config_app = typer.Typer(help="List and check model configs.", no_args_is_help=T
 app.add_typer(config_app, name="config")
 
 CONFIG_ENV = "DALLE2_CONFIG"
+DEFAULT_CONFIG = "shapes"  # the model shipped in the package: works offline, on CPU
 
 
 def _floats(text: str | None) -> list[float] | None:
@@ -54,7 +55,11 @@ def _split(text: str | None, kind: Callable, what: str) -> list | None:
 # Options every generating command shares.
 ConfigOpt = Annotated[
     str | None,
-    typer.Option("--config", "-c", help=f"Config name (see `dalle2 config list`) or JSON path. Env: {CONFIG_ENV}."),
+    typer.Option(
+        "--config",
+        "-c",
+        help=f"Config name (`dalle2 config list`) or JSON path. Default: {DEFAULT_CONFIG} (env {CONFIG_ENV}).",
+    ),
 ]
 NumOpt = Annotated[int, typer.Option("--num-images", "-n", help="Images per prompt or per input image.")]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Same seed and settings give the same images.")]
@@ -92,6 +97,9 @@ def _guard(debug: bool, body: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         _say("interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:  # stdout closed early (`dalle2 ... --json | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(1) from None
     except (typer.Exit, typer.Abort):
         raise
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
@@ -102,13 +110,7 @@ def _guard(debug: bool, body: Callable[[], None]) -> None:
 
 
 def _config_name(config: str | None) -> str:
-    name = config or os.environ.get(CONFIG_ENV)
-    if not name:
-        from dalle2_cli.config import available_configs
-
-        shipped = ", ".join(available_configs()) or "none"
-        raise InputError(f"no model config given: pass -c NAME (shipped: {shipped}) or -c path/to/config.json")
-    return name
+    return config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
 
 def _output_dir(path: Path) -> Path:
