@@ -214,8 +214,3 @@ def test_config_list_and_show(tiny_config):
     assert "tiny-random" in listed["configs"]
     shown = json.loads(run_cli("config", "show", "-c", str(tiny_config), check=True).stdout)
     assert shown["strict_loading"] is True and len(shown["decoder"]["unet_sources"]) == 2
-
-
-def test_missing_config_option_lists_the_shipped_ones(tmp_path):
-    result = run_cli("text2im", "x", cwd=tmp_path, env={"DALLE2_CONFIG": ""})
-    assert result.returncode == 2 and "no model config given" in result.stderr and "tiny-random" in result.stderr
