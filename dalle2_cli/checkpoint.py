@@ -14,7 +14,7 @@ import json
 import pickle
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,8 @@ class Checkpoint:
     format: str
     config: dict[str, Any] | None = None
     version: str | None = None
-    weights: str = "raw"  # "ema" when the file's weights are the averaged (EMA) ones
-    extra: dict[str, Any] = field(default_factory=dict)
+    weights: str = "raw"  # "ema" when the weights picked are the averaged (EMA) ones
+    has_ema: bool = False  # whether the file holds EMA weights at all
 
 
 def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cpu") -> Checkpoint:
@@ -49,20 +49,22 @@ def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cp
     version = str(raw["version"]) if "version" in raw else None
     config = raw.get("config") if isinstance(raw.get("config"), dict) else None
 
+    has_ema = False
     if isinstance(raw.get("model"), dict):
         state_dict = dict(raw["model"])
         weights = "raw"
         if PRIOR_EMA in raw and isinstance(raw[PRIOR_EMA], dict):
-            fmt = "DiffusionPriorTrainer checkpoint"
+            fmt, has_ema = "DiffusionPriorTrainer checkpoint", True
             if prefer_ema:
                 state_dict, weights = dict(raw[PRIOR_EMA]), "ema"
         elif DECODER_EMA in raw and isinstance(raw[DECODER_EMA], dict):
-            fmt = "DecoderTrainer checkpoint"
+            fmt, has_ema = "DecoderTrainer checkpoint", True
             if prefer_ema:
                 state_dict, weights = _swap_in_decoder_ema(state_dict, raw[DECODER_EMA]), "ema"
         elif config is not None:
             fmt = "tracker model save"
-            weights = "ema" if _trained_with_ema(config) else "raw"  # the tracker swaps EMA in
+            has_ema = _trained_with_ema(config)  # the tracker saves the EMA weights in place
+            weights = "ema" if has_ema else "raw"
         else:
             fmt = "trainer checkpoint"
     elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
@@ -71,7 +73,7 @@ def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cp
         keys = ", ".join(list(raw)[:6])
         raise InputError(f"{path} is not a DALLE2-pytorch checkpoint (its keys: {keys})")
 
-    return Checkpoint(path, strip_clip(state_dict), fmt, config, version, weights)
+    return Checkpoint(path, strip_clip(state_dict), fmt, config, version, weights, has_ema)
 
 
 def _torch_load(path: Path, map_location: str) -> Any:
@@ -114,7 +116,7 @@ def _read_safetensors(path: Path, map_location: str) -> Checkpoint:
     config = json.loads(metadata["config"]) if "config" in metadata else None
     weights = metadata.get("weights", "raw")
     version = metadata.get("dalle2_pytorch_version")
-    return Checkpoint(path, strip_clip(state_dict), "safetensors", config, version, weights)
+    return Checkpoint(path, strip_clip(state_dict), "safetensors", config, version, weights, weights == "ema")
 
 
 def _swap_in_decoder_ema(model: dict[str, torch.Tensor], ema: dict[str, Any]) -> dict[str, Any]:

@@ -329,6 +329,28 @@ def inpaint(
     _guard(debug, body)
 
 
+@app.command()
+def inspect(
+    file: Annotated[Path, typer.Argument(help="A checkpoint: .pth/.pt (any dalle2-pytorch format) or .safetensors.")],
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256."""
+
+    def body() -> None:
+        from dalle2_cli.inspection import inspect_file
+
+        if not file.is_file():
+            raise InputError(f"{file} is not a file")
+        report = inspect_file(file)
+        if json_out:
+            print(json.dumps(report.as_dict()))
+        else:
+            print("\n".join(report.lines()))
+
+    _guard(debug, body)
+
+
 @config_app.command("list")
 def config_list(json_out: JsonOpt = False) -> None:
     """The configs that `-c NAME` finds."""

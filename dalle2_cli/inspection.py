@@ -1,0 +1,118 @@
+"""What is in a checkpoint file: format, stage, sizes, precision, version, EMA, config."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from dalle2_cli.checkpoint import read_checkpoint
+from dalle2_cli.files import sha256_of
+
+
+@dataclass
+class Inspection:
+    path: str
+    size_bytes: int
+    sha256: str
+    format: str
+    stage: str
+    dalle2_pytorch_version: str | None
+    installed_dalle2_pytorch_version: str
+    has_ema: bool
+    weights: str
+    dtypes: dict[str, int]  # dtype -> number of tensors
+    parameters: dict[str, int]  # module -> number of values
+    config: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def lines(self) -> list[str]:
+        version = self.dalle2_pytorch_version or "not recorded"
+        if self.dalle2_pytorch_version and self.dalle2_pytorch_version != self.installed_dalle2_pytorch_version:
+            version += f" (installed: {self.installed_dalle2_pytorch_version})"
+        out = [
+            f"file      {self.path} ({self.size_bytes / 2**20:.1f} MiB)",
+            f"sha256    {self.sha256}",
+            f"format    {self.format}",
+            f"stage     {self.stage}",
+            f"version   dalle2-pytorch {version}",
+            f"ema       {'yes' if self.has_ema else 'no'} (loading uses the {self.weights} weights)",
+            "dtypes    " + ", ".join(f"{name}: {count}" for name, count in self.dtypes.items()),
+            f"params    {sum(self.parameters.values()):,} in all",
+        ]
+        out += [f"  {module:<24}{count:>14,}" for module, count in self.parameters.items()]
+        out += [f"config    {key}: {value}" for key, value in self.config.items()] or ["config    none embedded"]
+        return out
+
+
+def stage_of(keys: list[str]) -> str:
+    first = Counter(key.split(".")[0] for key in keys)
+    if "unets" in first:
+        count = len({key.split(".")[1] for key in keys if key.startswith("unets.")})
+        return f"decoder ({count} unet{'s' if count != 1 else ''})"
+    if "net" in first:
+        return "prior"
+    if {"visual", "token_embedding", "text_transformer", "visual_transformer"} & set(first):
+        return "clip"
+    return "unknown"
+
+
+def module_of(key: str) -> str:
+    parts = key.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("unets", "vaes") and len(parts) > 2 else parts[0]
+
+
+def summarize_config(config: dict[str, Any] | None) -> dict[str, Any]:
+    if not config:
+        return {}
+    if "decoder" in config:
+        decoder = config["decoder"]
+        unets = [
+            {k: u.get(k) for k in ("dim", "dim_mults", "cond_on_text_encodings") if k in u}
+            for u in decoder.get("unets", [])
+        ]
+        return {
+            "image_sizes": decoder.get("image_sizes") or [decoder.get("image_size")],
+            "timesteps": decoder.get("timesteps", 1000),
+            "unets": unets,
+        }
+    if "prior" in config:
+        prior = config["prior"]
+        net = prior.get("net", {})
+        return {
+            "image_embed_dim": prior.get("image_embed_dim"),
+            "timesteps": prior.get("timesteps", 1000),
+            "net": {k: net.get(k) for k in ("dim", "depth", "heads", "max_text_len") if k in net},
+            "condition_on_text_encodings": prior.get("condition_on_text_encodings", True),
+        }
+    return {"keys": sorted(config)}
+
+
+def inspect_file(path: str | Path, prefer_ema: bool = True) -> Inspection:
+    from dalle2_pytorch.version import __version__ as installed
+
+    path = Path(path)
+    checkpoint = read_checkpoint(path, prefer_ema=prefer_ema)
+    tensors = checkpoint.state_dict
+    parameters: Counter[str] = Counter()
+    for key, tensor in tensors.items():
+        if not key.startswith(("noise_scheduler.", "noise_schedulers.")):  # schedules, not weights
+            parameters[module_of(key)] += tensor.numel()
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+    return Inspection(
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        sha256=sha256_of(path),
+        format=checkpoint.format,
+        stage=stage_of(list(tensors)),
+        dalle2_pytorch_version=checkpoint.version,
+        installed_dalle2_pytorch_version=installed,
+        has_ema=checkpoint.has_ema,
+        weights=checkpoint.weights,
+        dtypes=dict(dtypes.most_common()),
+        parameters=dict(parameters),
+        config=summarize_config(checkpoint.config),
+    )
