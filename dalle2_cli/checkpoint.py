@@ -176,13 +176,46 @@ def load_weights(
             parts.append(f"unexpected keys {summarize_keys(unexpected)}")
         from dalle2_pytorch.version import __version__ as installed
 
-        written = f"written by dalle2-pytorch {version}, " if version else ""
+        if version and version != installed:
+            fix = f"pip install dalle2-pytorch=={version} (the file's version; {installed} is installed)"
+        else:
+            fix = "check that the config is the one this file was trained with"
         raise InputError(
             f"{what} does not match its model: {'; '.join(parts)}.\n"
-            f"The file was {written}installed is {installed}: install the version it was "
-            f'written with, or set "strict_loading": false to accept random weights there.'
+            f"Fix: {fix}, or load anyway with --non-strict (config: "
+            '"strict_loading": false), which leaves those weights random.'
         )
     module.load_state_dict(state_dict, strict=False)
     if missing:
         return [f"{what}: {summarize_keys(missing)} weights missing, left random (non-strict loading)"]
     return []
+
+
+def write_safetensors(checkpoint: Checkpoint, target: Path, config: dict[str, Any] | None = None) -> None:
+    """Save the checkpoint's chosen weights as safetensors, with its config and version in the
+    metadata so it loads without anything beside it. Written to a temporary name, then renamed."""
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    metadata = {"weights": checkpoint.weights, "source_format": checkpoint.format}
+    config = config if config is not None else checkpoint.config
+    if config is not None:
+        metadata["config"] = json.dumps(config)
+    if checkpoint.version:
+        metadata["dalle2_pytorch_version"] = checkpoint.version
+    tensors, seen = {}, set()
+    for key, tensor in checkpoint.state_dict.items():
+        # safetensors refuses tensors that share memory (tied weights): store each once.
+        pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
+        tensors[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
+        seen.add(pointer)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -76,6 +77,19 @@ DecoderScaleOpt = Annotated[
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the images on stdout.")]
+
+
+class Weights(StrEnum):
+    ema = "ema"
+    raw = "raw"
+
+
+WeightsOpt = Annotated[
+    Weights, typer.Option("--weights", help="ema (the averaged weights, when a file has them) or raw.")
+]
+NonStrictOpt = Annotated[
+    bool, typer.Option("--non-strict", help="Load checkpoints whose keys do not match (those weights stay random).")
+]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and the libraries' own progress bars.")]
 
 
@@ -126,7 +140,7 @@ def _output_dir(path: Path) -> Path:
 def _generate(
     command: str,
     config: str | None,
-    device: str | None,
+    load: dict[str, Any],
     out: Path,
     json_out: bool,
     settings: dict[str, Any],
@@ -146,7 +160,7 @@ def _generate(
     from dalle2_cli.manager import DalleModelManager
     from dalle2_cli.output import save_png, slug, unique_path
 
-    manager = DalleModelManager(model_config, device=device)
+    manager = DalleModelManager(model_config, **load)
     script_class = getattr(inference, script)
     generated = run(script_class(manager, inference.SamplingSettings(**settings)))
 
@@ -183,6 +197,10 @@ def _generate(
         _say(f"  {record['path']}")
     if json_out:
         print(json.dumps({"images": records, "config": name, "device": str(manager.device)}))
+
+
+def _load_options(device: str | None, weights: Weights, non_strict: bool) -> dict[str, Any]:
+    return {"device": device, "prefer_ema": weights == Weights.ema, "strict": False if non_strict else None}
 
 
 def _settings(
@@ -223,6 +241,8 @@ def text2im(
     prior_cond_scale: PriorScaleOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    weights: WeightsOpt = Weights.ema,
+    non_strict: NonStrictOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -238,7 +258,7 @@ def text2im(
         _generate(
             "text2im",
             config,
-            device,
+            _load_options(device, weights, non_strict),
             output_dir,
             json_out,
             settings,
@@ -261,6 +281,8 @@ def variation(
     decoder_steps: DecoderStepsOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    weights: WeightsOpt = Weights.ema,
+    non_strict: NonStrictOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -274,7 +296,7 @@ def variation(
         _generate(
             "variation",
             config,
-            device,
+            _load_options(device, weights, non_strict),
             output_dir,
             json_out,
             settings,
@@ -300,6 +322,8 @@ def inpaint(
     prior_cond_scale: PriorScaleOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    weights: WeightsOpt = Weights.ema,
+    non_strict: NonStrictOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -318,7 +342,7 @@ def inpaint(
         _generate(
             "inpaint",
             config,
-            device,
+            _load_options(device, weights, non_strict),
             output_dir,
             json_out,
             settings,
@@ -347,6 +371,44 @@ def inspect(
             print(json.dumps(report.as_dict()))
         else:
             print("\n".join(report.lines()))
+
+    _guard(debug, body)
+
+
+@app.command()
+def convert(
+    source: Annotated[Path, typer.Argument(help="A checkpoint in any format dalle2-cli reads.")],
+    target: Annotated[Path, typer.Argument(help="Where to write the .safetensors file.")],
+    weights: WeightsOpt = Weights.ema,
+    model_config: Annotated[
+        Path | None,
+        typer.Option("--model-config", help="JSON training config to embed, for files that carry none."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace TARGET if it exists.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a checkpoint's weights (EMA by default) as safetensors, with its config and version."""
+
+    def body() -> None:
+        if target.suffix != ".safetensors":
+            raise InputError(f"{target}: the converted file's name must end in .safetensors")
+        if target.exists() and not overwrite:
+            raise InputError(f"{target} exists: pass --overwrite to replace it")
+        if not source.is_file():
+            raise InputError(f"{source} is not a file")
+        extra = None
+        if model_config is not None:
+            try:
+                extra = json.loads(model_config.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                raise InputError(f"cannot read --model-config {model_config}: {error}") from None
+        from dalle2_cli.checkpoint import read_checkpoint, write_safetensors
+
+        checkpoint = read_checkpoint(source, prefer_ema=weights == Weights.ema)
+        if checkpoint.config is None and extra is None:
+            _say(f"warning: {source} carries no config; pass --model-config so {target.name} loads on its own")
+        write_safetensors(checkpoint, target, extra)
+        _say(f"wrote {target} ({checkpoint.weights.upper()} weights of {checkpoint.format})")
 
     _guard(debug, body)
 

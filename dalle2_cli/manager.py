@@ -11,6 +11,7 @@ from typing import Any
 from dalle2_pytorch import Decoder, DiffusionPrior
 from dalle2_pytorch.dalle2_pytorch import BaseClipAdapter
 from dalle2_pytorch.train_configs import DiffusionPriorConfig
+from dalle2_pytorch.version import __version__ as DALLE2_VERSION
 from pydantic import ValidationError
 
 from dalle2_cli.checkpoint import Checkpoint, load_weights, read_checkpoint
@@ -32,8 +33,14 @@ class DalleModelManager:
         device: str | None = None,
         resolve: Callable[[File], Path] = resolve_file,
         log: Callable[[str], None] | None = None,
+        prefer_ema: bool = True,
+        strict: bool | None = None,
     ):
+        """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
+        `strict`: overrides the config's `strict_loading`."""
         self.config = config
+        self.prefer_ema = prefer_ema
+        self.strict = config.strict_loading if strict is None else strict
         self.device = resolve_device(device or config.device)
         self.resolve = resolve
         self.log = log or (lambda message: print(message, file=sys.stderr))
@@ -60,8 +67,11 @@ class DalleModelManager:
 
     def _checkpoint(self, role: str, file: File) -> Checkpoint:
         path = self._resolve(role, file)
-        checkpoint = read_checkpoint(path, map_location=self.map_location)
+        checkpoint = read_checkpoint(path, prefer_ema=self.prefer_ema, map_location=self.map_location)
         self.log(f"loaded {role} {path.name} ({checkpoint.format}, {checkpoint.weights.upper()} weights)")
+        if checkpoint.version and checkpoint.version != DALLE2_VERSION:
+            written = f"written by dalle2-pytorch {checkpoint.version}"
+            self.log(f"warning: {path.name} was {written}; {DALLE2_VERSION} is installed")
         return checkpoint
 
     def _model_config(self, role: str, checkpoint: Checkpoint, config_file: File | None) -> dict:
@@ -84,7 +94,7 @@ class DalleModelManager:
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
-            self._clip = build_clip(clip_config, resolve, self.config.strict_loading, self.map_location).to(self.device)
+            self._clip = build_clip(clip_config, resolve, self.strict, self.map_location).to(self.device)
         return self._clip
 
     @property
@@ -117,9 +127,7 @@ class DalleModelManager:
             )
         prior = prior_config.create()
         self._warn(
-            load_weights(
-                prior, checkpoint.state_dict, self.config.strict_loading, f"prior {checkpoint.path}", checkpoint.version
-            )
+            load_weights(prior, checkpoint.state_dict, self.strict, f"prior {checkpoint.path}", checkpoint.version)
         )
         prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
         return prior.to(self.device).eval()
@@ -141,7 +149,7 @@ class DalleModelManager:
             load_weights(
                 decoder,
                 stitched_state_dict(parts_by_unet),
-                self.config.strict_loading,
+                self.strict,
                 f"decoder {names}",
                 next(iter(versions), None),
             )
