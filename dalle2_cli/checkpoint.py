@@ -135,6 +135,19 @@ def _trained_with_ema(config: dict[str, Any]) -> bool:
     return bool(config.get("train", {}).get("use_ema", False))
 
 
+def stage_of(keys: list[str]) -> str:
+    """`prior`, `decoder (N unets)`, `clip` or `unknown`, from a state dict's key names."""
+    first = Counter(key.split(".")[0] for key in keys)
+    if "unets" in first:
+        count = len({key.split(".")[1] for key in keys if key.startswith("unets.")})
+        return f"decoder ({count} unet{'s' if count != 1 else ''})"
+    if "net" in first:
+        return "prior"
+    if {"visual", "token_embedding", "text_transformer", "visual_transformer"} & set(first):
+        return "clip"
+    return "unknown"
+
+
 def strip_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIP is loaded on its own; some checkpoints still carry its weights under `clip.*`."""
     return {k: v for k, v in state_dict.items() if not k.startswith("clip.")}

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dalle2_cli.checkpoint import read_checkpoint
+from dalle2_cli.checkpoint import read_checkpoint, stage_of
 from dalle2_cli.files import sha256_of
 
 
@@ -46,18 +46,6 @@ class Inspection:
         out += [f"  {module:<24}{count:>14,}" for module, count in self.parameters.items()]
         out += [f"config    {key}: {value}" for key, value in self.config.items()] or ["config    none embedded"]
         return out
-
-
-def stage_of(keys: list[str]) -> str:
-    first = Counter(key.split(".")[0] for key in keys)
-    if "unets" in first:
-        count = len({key.split(".")[1] for key in keys if key.startswith("unets.")})
-        return f"decoder ({count} unet{'s' if count != 1 else ''})"
-    if "net" in first:
-        return "prior"
-    if {"visual", "token_embedding", "text_transformer", "visual_transformer"} & set(first):
-        return "clip"
-    return "unknown"
 
 
 def module_of(key: str) -> str:

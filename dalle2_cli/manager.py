@@ -14,7 +14,7 @@ from dalle2_pytorch.train_configs import DiffusionPriorConfig
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION
 from pydantic import ValidationError
 
-from dalle2_cli.checkpoint import Checkpoint, load_weights, read_checkpoint
+from dalle2_cli.checkpoint import Checkpoint, load_weights, read_checkpoint, stage_of
 from dalle2_cli.clip import build_clip, text_encoding_dim
 from dalle2_cli.config import File, ModelLoadConfig, describe_validation_error
 from dalle2_cli.devices import resolve_device
@@ -68,6 +68,10 @@ class DalleModelManager:
     def _checkpoint(self, role: str, file: File) -> Checkpoint:
         path = self._resolve(role, file)
         checkpoint = read_checkpoint(path, prefer_ema=self.prefer_ema, map_location=self.map_location)
+        stage = stage_of(list(checkpoint.state_dict))
+        expected = role.split()[0]  # "prior" or "decoder"
+        if stage != "unknown" and not stage.startswith(expected):
+            raise InputError(f"{path} holds a {stage}, but the config gives it as the {role}")
         self.log(f"loaded {role} {path.name} ({checkpoint.format}, {checkpoint.weights.upper()} weights)")
         if checkpoint.version and checkpoint.version != DALLE2_VERSION:
             written = f"written by dalle2-pytorch {checkpoint.version}"

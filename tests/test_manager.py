@@ -144,3 +144,18 @@ def test_config_without_a_section_the_command_needs(tiny_config):
     manager = DalleModelManager(ModelLoadConfig.from_dict(data), device="cpu")
     with pytest.raises(InputError, match="no 'prior' section"):
         manager.prior
+
+
+def test_a_prior_file_given_as_a_decoder_is_refused(tiny_config, tmp_path):
+    prior_file = str(tiny_config.parent / "prior.pth")
+    path = edit_config(
+        tiny_config,
+        tmp_path / "c.json",
+        lambda d: d["decoder"]["unet_sources"][0]["load_model_from"].update(path=prior_file),
+    )
+    with pytest.raises(InputError, match=r"prior.pth holds a prior, but the config gives it as the decoder unets 1"):
+        manager_for(path).decoder
+    base_file = str(tiny_config.parent / "decoder-base.pth")
+    path = edit_config(tiny_config, tmp_path / "d.json", lambda d: d["prior"]["load_model_from"].update(path=base_file))
+    with pytest.raises(InputError, match=r"holds a decoder \(1 unet\), but the config gives it as the prior"):
+        manager_for(path).prior
