@@ -10,19 +10,23 @@ Formats (see dalle2-pytorch's trainer.py and trackers.py):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import pickle
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import packaging.version
 import torch
 from torch import nn
 
 from dalle2_cli.errors import InputError
+
+T = TypeVar("T", bound=nn.Module)
 
 DECODER_EMA = "ema"  # DecoderTrainer: state dict of the list of per-unet EMA wrappers
 PRIOR_EMA = "ema_model"  # DiffusionPriorTrainer: the EMA prior's own state dict
@@ -198,10 +202,41 @@ def load_weights(
             f"Fix: {fix}, or load anyway with --non-strict (config: "
             '"strict_loading": false), which leaves those weights random.'
         )
-    module.load_state_dict(state_dict, strict=False)
+    # The module adopts the file's (memory-mapped) tensors rather than copying them into its own,
+    # so loading holds one copy of the weights; tensors of another dtype are converted first.
+    state_dict = {
+        k: v.to(expected[k].dtype) if k in expected and v.dtype != expected[k].dtype else v
+        for k, v in state_dict.items()
+    }
+    del expected  # the module's initial weights: free them once replaced
+    module.load_state_dict(state_dict, strict=False, assign=True)
+    release_freed_memory()
     if missing:
         return [f"{what}: {summarize_keys(missing)} weights missing, left random (non-strict loading)"]
     return []
+
+
+def new_model(build: Callable[[], T], weights_follow: bool) -> T:
+    """`build()` the module a checkpoint is loaded into. When every weight will come from the
+    file (`weights_follow`: strict loading), its parameters are created on the meta device,
+    without memory or random initialisation (which costs twice the weights' size at its peak);
+    buffers are still computed for real, since some are not saved in checkpoints."""
+    if not weights_follow:
+        return build()
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps large freed blocks (here: a model's
+    random initial weights, replaced by the file's) resident otherwise, which doubles the
+    peak memory of loading once the file's weights are read."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def write_safetensors(checkpoint: Checkpoint, target: Path, config: dict[str, Any] | None = None) -> None:

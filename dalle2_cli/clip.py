@@ -19,7 +19,7 @@ from dalle2_pytorch.dalle2_pytorch import (
 )
 from torchvision.transforms import Normalize
 
-from dalle2_cli.checkpoint import load_weights, read_checkpoint
+from dalle2_cli.checkpoint import load_weights, new_model, read_checkpoint
 from dalle2_cli.config import ClipConfig, File
 from dalle2_cli.errors import InputError
 
@@ -122,7 +122,7 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> 
 
     if config.architecture is not None:
         try:
-            model = open_clip.CLIP(**config.architecture)
+            model = new_model(lambda: open_clip.CLIP(**config.architecture), _from_file(config, strict))
         except TypeError as error:
             raise InputError(f"clip.architecture is not an open_clip model config: {error}") from None
     else:
@@ -151,12 +151,17 @@ def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str
 
         build, adapter_class = CoCa, CoCaAdapter
     try:
-        model = build(**config.architecture)
+        model = new_model(lambda: build(**config.architecture), _from_file(config, strict))
     except TypeError as error:
         raise InputError(f"clip.architecture does not fit {config.make}: {error}") from None
     if config.load_model_from is not None:
         _load_file(model, config.load_model_from, resolve, strict, map_location)
     return adapter_class(model, **config.adapter_overrides)
+
+
+def _from_file(config: ClipConfig, strict: bool) -> bool:
+    """Whether every weight will be loaded from a file (so none need initialising)."""
+    return strict and config.load_model_from is not None
 
 
 def tokenize(adapter: BaseClipAdapter, texts: list[str]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from dalle2_pytorch.train_configs import DiffusionPriorConfig
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION
 from pydantic import ValidationError
 
-from dalle2_cli.checkpoint import Checkpoint, load_weights, read_checkpoint, stage_of
+from dalle2_cli.checkpoint import Checkpoint, load_weights, new_model, read_checkpoint, stage_of
 from dalle2_cli.clip import build_clip, text_encoding_dim
 from dalle2_cli.config import File, ModelLoadConfig, describe_validation_error
 from dalle2_cli.devices import resolve_device
@@ -129,7 +129,7 @@ class DalleModelManager:
                 f"the prior ({checkpoint.path}) makes {prior_config.image_embed_dim}-d image embeddings "
                 f"but the CLIP's are {clip.dim_latent}-d: they were not trained together"
             )
-        prior = prior_config.create()
+        prior = new_model(prior_config.create, weights_follow=self.strict)
         self._warn(
             load_weights(prior, checkpoint.state_dict, self.strict, f"prior {checkpoint.path}", checkpoint.version)
         )
@@ -146,7 +146,7 @@ class DalleModelManager:
             part = read_part(source, checkpoint.path, checkpoint, data)
             parts_by_unet.update({number: part for number in source.unet_numbers})
         check_fit(parts_by_unet)
-        decoder = stitched_config(parts_by_unet).create()
+        decoder = new_model(stitched_config(parts_by_unet).create, weights_follow=self.strict)
         versions = {p.checkpoint.version for p in parts_by_unet.values()} - {None}
         names = ", ".join(sorted({p.name for p in parts_by_unet.values()}))
         self._warn(
