@@ -59,6 +59,13 @@ def read_part(
     for number in source.unet_numbers:
         if number > have:
             raise InputError(f"unet_sources asks {path} for unet {number}, but its decoder has {have} unet(s)")
+        prefix = f"unets.{number - 1}."
+        if not any(key.startswith(prefix) for key in checkpoint.state_dict):
+            saved = sorted({int(k.split(".")[1]) + 1 for k in checkpoint.state_dict if k.startswith("unets.")})
+            raise InputError(
+                f"unet_sources asks {path} for unet {number}, but it holds weights for unet(s) {saved} only "
+                "(a checkpoint from training other unets?)"
+            )
     with torch.device("meta"):
         layout = decoder_config.create()
     return DecoderPart(source, path, checkpoint, decoder_config, layout)

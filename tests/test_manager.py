@@ -159,3 +159,36 @@ def test_a_prior_file_given_as_a_decoder_is_refused(tiny_config, tmp_path):
     path = edit_config(tiny_config, tmp_path / "d.json", lambda d: d["prior"]["load_model_from"].update(path=base_file))
     with pytest.raises(InputError, match=r"holds a decoder \(1 unet\), but the config gives it as the prior"):
         manager_for(path).prior
+
+
+def test_a_file_saved_with_only_some_unets(tiny_config, tmp_path):
+    """Training only the upsampler can leave files without the base unet's weights."""
+    import packaging.version
+
+    with torch.serialization.safe_globals([packaging.version.Version]):
+        saved = torch.load(tiny_config.parent / "decoder-upsampler.pth", weights_only=True)
+    saved["model"] = {k: v for k, v in saved["model"].items() if not k.startswith(("unets.0.", "noise_schedulers.0."))}
+    torch.save(saved, tmp_path / "upsampler-only.pth")
+    only = str(tmp_path / "upsampler-only.pth")
+    works = edit_config(
+        tiny_config,
+        tmp_path / "ok.json",
+        lambda d: d["decoder"]["unet_sources"][1]["load_model_from"].update(path=only),
+    )
+    assert manager_for(works).decoder.num_unets == 2
+
+    def both_from_it(data):
+        data["decoder"]["unet_sources"] = [
+            {
+                **data["decoder"]["unet_sources"][1],
+                "unet_numbers": [1, 2],
+                "default_sample_timesteps": [10, 10],
+                "default_cond_scale": [1.0, 1.0],
+            }
+        ]
+        data["decoder"]["unet_sources"][0]["load_model_from"]["path"] = only
+
+    with pytest.raises(
+        InputError, match=r"asks .*upsampler-only.pth for unet 1, but it holds weights for unet\(s\) \[2\]"
+    ):
+        manager_for(edit_config(tiny_config, tmp_path / "bad.json", both_from_it)).decoder
