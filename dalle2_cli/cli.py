@@ -87,6 +87,17 @@ class Weights(StrEnum):
 WeightsOpt = Annotated[
     Weights, typer.Option("--weights", help="ema (the averaged weights, when a file has them) or raw.")
 ]
+
+
+class Precision(StrEnum):
+    fp32 = "fp32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+DtypeOpt = Annotated[
+    Precision, typer.Option("--dtype", help="Weights' precision; half precision samples under autocast.")
+]
 NonStrictOpt = Annotated[
     bool, typer.Option("--non-strict", help="Load checkpoints whose keys do not match (those weights stay random).")
 ]
@@ -199,8 +210,16 @@ def _generate(
         print(json.dumps({"images": records, "config": name, "device": str(manager.device)}))
 
 
-def _load_options(device: str | None, weights: Weights, non_strict: bool) -> dict[str, Any]:
-    return {"device": device, "prefer_ema": weights == Weights.ema, "strict": False if non_strict else None}
+def _load_options(device: str | None, weights: Weights, non_strict: bool, dtype: Precision) -> dict[str, Any]:
+    import torch
+
+    dtypes = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+    return {
+        "device": device,
+        "prefer_ema": weights == Weights.ema,
+        "strict": False if non_strict else None,
+        "dtype": dtypes[dtype],
+    }
 
 
 def _settings(
@@ -243,6 +262,7 @@ def text2im(
     device: DeviceOpt = None,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
+    dtype: DtypeOpt = Precision.fp32,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -258,7 +278,7 @@ def text2im(
         _generate(
             "text2im",
             config,
-            _load_options(device, weights, non_strict),
+            _load_options(device, weights, non_strict, dtype),
             output_dir,
             json_out,
             settings,
@@ -283,6 +303,7 @@ def variation(
     device: DeviceOpt = None,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
+    dtype: DtypeOpt = Precision.fp32,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -296,7 +317,7 @@ def variation(
         _generate(
             "variation",
             config,
-            _load_options(device, weights, non_strict),
+            _load_options(device, weights, non_strict, dtype),
             output_dir,
             json_out,
             settings,
@@ -324,6 +345,7 @@ def inpaint(
     device: DeviceOpt = None,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
+    dtype: DtypeOpt = Precision.fp32,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -342,7 +364,7 @@ def inpaint(
         _generate(
             "inpaint",
             config,
-            _load_options(device, weights, non_strict),
+            _load_options(device, weights, non_strict, dtype),
             output_dir,
             json_out,
             settings,

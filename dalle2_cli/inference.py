@@ -9,6 +9,7 @@ conventions, so scripts written for it port over; subclasses add a `run` method.
 
 from __future__ import annotations
 
+import contextlib
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -73,10 +74,16 @@ class InferenceScript:
     def device(self) -> torch.device:
         return self.models.device
 
+    def _precision(self):
+        """Half-precision weights sample under autocast, which casts each op's inputs."""
+        if self.models.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.models.dtype)
+
     def _start(self, uses_prior: bool) -> None:
         """Check every setting before any sampling, then seed every random generator
         (same seed, same settings, same device: same pixels)."""
-        self._record = {"batch_size": self.settings.batch_size}
+        self._record = {"batch_size": self.settings.batch_size, "dtype": str(self.models.dtype).removeprefix("torch.")}
         if uses_prior:
             steps, scale = self.prior_settings()
             self._record.update(
@@ -126,15 +133,17 @@ class InferenceScript:
 
     def _text_encodings(self, text_or_tokens: Sequence[str] | torch.Tensor) -> torch.Tensor:
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
-        _, encodings = self.models.clip.embed_text(tokens.to(self.device))
-        return encodings
+        with self._precision():
+            _, encodings = self.models.clip.embed_text(tokens.to(self.device))
+        return encodings.float()
 
     @torch.inference_mode()
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         clip = self.models.clip
         batch = torch.stack([to_tensor(center_square(img, clip.image_size)) for img in images])
-        embeds, _ = clip.embed_image(batch.to(self.device))
-        return embeds
+        with self._precision():
+            embeds, _ = clip.embed_image(batch.to(self.device))
+        return embeds.float()
 
     # -- the two sampling loops, with dalle2-laion's arguments -------------------------------
 
@@ -157,12 +166,13 @@ class InferenceScript:
         results: dict[int, list[torch.Tensor]] = {index: [] for index in range(tokens.shape[0])}
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
-            embeds = self.models.prior.sample(
-                tokens[chunk].to(self.device),
-                num_samples_per_batch=num_samples_per_batch,
-                cond_scale=cond_scale,
-                timesteps=timesteps,
-            )
+            with self._precision():
+                embeds = self.models.prior.sample(
+                    tokens[chunk].to(self.device),
+                    num_samples_per_batch=num_samples_per_batch,
+                    cond_scale=cond_scale,
+                    timesteps=timesteps,
+                ).float()
             for index, embed in zip(chunk, embeds, strict=True):
                 results[index].append(embed)
         return results
@@ -194,9 +204,12 @@ class InferenceScript:
         decoder = self.models.decoder
         steps, default_scales = self.decoder_settings()
         timesteps = timesteps or steps
-        scales = _per_unet(cond_scale if isinstance(cond_scale, list) else None, decoder.num_unets, "cond_scale") or (
-            [cond_scale] * decoder.num_unets if cond_scale is not None else default_scales
-        )
+        if cond_scale is None:
+            scales = default_scales
+        else:
+            scales = _per_unet(
+                cond_scale if isinstance(cond_scale, list) else [cond_scale], decoder.num_unets, "cond_scale"
+            )
 
         encodings = None
         if decoder.condition_on_text_encodings:
@@ -230,7 +243,8 @@ class InferenceScript:
                 if keep_images is not None:
                     extra["inpaint_image"] = keep_images[chunk].to(self.device)
                     extra["inpaint_mask"] = keep_masks[chunk].to(self.device)
-                out = decoder.sample(image_embed=embeds[chunk].to(self.device), cond_scale=tuple(scales), **extra)
+                with self._precision():
+                    out = decoder.sample(image_embed=embeds[chunk].to(self.device), cond_scale=tuple(scales), **extra)
                 if keep_images is not None:  # exact pixels outside the mask, whatever the rounding
                     keep = keep_masks[chunk].unsqueeze(1).to(out.device)
                     out = torch.where(keep, keep_images[chunk].to(out.device), out.float().clamp(0, 1))

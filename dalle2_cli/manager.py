@@ -6,8 +6,9 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from dalle2_pytorch import Decoder, DiffusionPrior
 from dalle2_pytorch.dalle2_pytorch import BaseClipAdapter
 from dalle2_pytorch.train_configs import DiffusionPriorConfig
@@ -22,6 +23,8 @@ from dalle2_cli.errors import InputError
 from dalle2_cli.files import resolve_file
 from dalle2_cli.stitch import check_fit, read_part, stitched_config, stitched_state_dict
 
+M = TypeVar("M", bound=torch.nn.Module)
+
 
 class DalleModelManager:
     """Holds the models of one config. Nothing is loaded until a script asks for it, so a
@@ -35,10 +38,13 @@ class DalleModelManager:
         log: Callable[[str], None] | None = None,
         prefer_ema: bool = True,
         strict: bool | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
         """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
-        `strict`: overrides the config's `strict_loading`."""
+        `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
+        (sampling then runs under autocast, see InferenceScript)."""
         self.config = config
+        self.dtype = dtype
         self.prefer_ema = prefer_ema
         self.strict = config.strict_loading if strict is None else strict
         self.device = resolve_device(device or config.device)
@@ -98,7 +104,7 @@ class DalleModelManager:
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
-            self._clip = build_clip(clip_config, resolve, self.strict, self.map_location).to(self.device)
+            self._clip = self._placed(build_clip(clip_config, resolve, self.strict, self.map_location))
         return self._clip
 
     @property
@@ -134,7 +140,7 @@ class DalleModelManager:
             load_weights(prior, checkpoint.state_dict, self.strict, f"prior {checkpoint.path}", checkpoint.version)
         )
         prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
-        return prior.to(self.device).eval()
+        return self._placed(prior)
 
     def _load_decoder(self) -> Decoder:
         sources = self._require("decoder").unet_sources
@@ -159,7 +165,7 @@ class DalleModelManager:
             )
         )
         self._check_decoder_fits_clip(decoder, names)
-        return decoder.to(self.device).eval()
+        return self._placed(decoder)
 
     def _check_decoder_fits_clip(self, decoder: Decoder, names: str) -> None:
         if self.config.clip is None:
@@ -179,6 +185,15 @@ class DalleModelManager:
                     f"decoder unet {number} ({names}) takes {unet.text_embed_dim}-d text encodings "
                     f"but the CLIP makes {text_dim}-d ones"
                 )
+
+    def _placed(self, model: M) -> M:
+        """On the device, in eval mode, with parameters in the chosen precision; buffers (noise
+        schedules, masks) stay as they are, since sampling arithmetic needs their precision."""
+        model = model.to(self.device).eval()
+        if self.dtype != torch.float32:
+            for parameter in model.parameters():
+                parameter.data = parameter.data.to(self.dtype)
+        return model
 
     def _warn(self, warnings: list[str]) -> None:
         for message in warnings:
