@@ -85,17 +85,20 @@ class DalleModelManager:
         return checkpoint
 
     def _model_config(self, role: str, checkpoint: Checkpoint, config_file: File | None) -> dict:
+        """The training config: `load_config_from`, else the file's own, else a JSON beside it."""
         if config_file is not None:
-            path = self._resolve(f"{role} config", config_file)
-            try:
-                return json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError) as error:
-                raise InputError(f"cannot read {role} config {path}: {error}") from None
-        if checkpoint.config is None:
-            raise InputError(
-                f"{checkpoint.path} has no embedded config: add 'load_config_from' pointing at its JSON config"
-            )
-        return checkpoint.config
+            return _read_json(self._resolve(f"{role} config", config_file), role)
+        if checkpoint.config is not None:
+            return checkpoint.config
+        beside = checkpoint.path.with_suffix(".json")
+        if beside.is_file():
+            self.log(f"{checkpoint.path.name} has no embedded config: using {beside.name} beside it")
+            self.files[f"{role} config"] = beside
+            return _read_json(beside, role)
+        raise InputError(
+            f"{checkpoint.path} has no embedded config and no {beside.name} beside it: "
+            "add 'load_config_from' pointing at its JSON config"
+        )
 
     # -- the three models ---------------------------------------------------------------
 
@@ -220,3 +223,10 @@ class DalleModelManager:
                 if source.default_cond_scale is not None:
                     scales[number - 1] = source.default_cond_scale[position]
         return steps, scales
+
+
+def _read_json(path: Path, role: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {role} config {path}: {error}") from None

@@ -96,13 +96,32 @@ def test_models_load_only_when_used(tiny_config, tmp_path):
         manager.prior
 
 
-def test_bare_state_dict_needs_its_config(tiny_models, tmp_path):
+def test_bare_state_dict_takes_the_json_beside_it_or_needs_load_config_from(tiny_models, tmp_path):
     def edit(data):
-        del data["prior"]["load_config_from"]
+        del data["prior"]["load_config_from"]  # prior.json lies beside prior.pth
 
-    path = edit_config(tiny_models["bare"], tmp_path / "c.json", edit)
-    with pytest.raises(InputError, match="no embedded config: add 'load_config_from'"):
-        manager_for(path).prior
+    logs: list[str] = []
+    assert manager_for(edit_config(tiny_models["bare"], tmp_path / "c.json", edit), logs).prior is not None
+    assert any("using prior.json beside it" in line for line in logs)
+    alone = tmp_path / "prior.pth"
+    alone.write_bytes((tiny_models["bare"].parent / "prior.pth").read_bytes())
+
+    def edit_alone(data):
+        edit(data)
+        data["prior"]["load_model_from"]["path"] = str(alone)
+
+    with pytest.raises(InputError, match="no embedded config and no prior.json beside it: add 'load_config_from'"):
+        manager_for(edit_config(tiny_models["bare"], tmp_path / "d.json", edit_alone)).prior
+
+
+def test_devices_and_load_on_cpu_are_honoured(tiny_config):
+    data = json.loads(tiny_config.read_text())
+    on_cpu = DalleModelManager(ModelLoadConfig.from_dict({**data, "devices": ["cpu"], "load_on_cpu": False}))
+    assert on_cpu.device.type == "cpu" and on_cpu.map_location == "cpu"
+    assert next(on_cpu.prior.parameters()).device.type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no usable CUDA GPU"):
+            DalleModelManager(ModelLoadConfig.from_dict({**data, "devices": "cuda:0"}))
 
 
 def _drifted_prior(tiny_models, tmp_path) -> Path:

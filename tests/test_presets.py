@@ -83,5 +83,9 @@ def test_laion_architectures_on_the_meta_device():
     # name is not what they give); fp32 weights: about 3.8 GB and 1.0 GB.
     assert 0.95e9 < decoder_params < 0.96e9
     assert 0.24e9 < prior_params < 0.26e9
+    # What loading them takes (one copy, see scripts/bench_load.py): fp32 and half precision.
+    gib = 2**30
+    assert 3.5 < decoder_params * 4 / gib < 3.6 and 1.75 < decoder_params * 2 / gib < 1.8
+    assert 0.9 < prior_params * 4 / gib < 1.0
     assert decoder.unets[0].cond_on_text_encodings and decoder.image_sizes == (64,)
     assert prior.net.dim == 768 and prior.image_embed_dim == 768
