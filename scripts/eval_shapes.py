@@ -1,0 +1,201 @@
+"""Measure the shipped shapes model: generate, then judge every image from its pixels alone.
+
+    python scripts/eval_shapes.py                       # default config and its default settings
+    python scripts/eval_shapes.py -c shapes --seeds 3 --json
+    python scripts/eval_shapes.py --grid docs/shapes-samples.png
+
+text2im: every colour x shape x background (colour != background), captioned
+"a <colour> <shape> on a <background> background", `--seeds` images each; scored on
+foreground colour, shape and background. variation: drawn scenes, scored on keeping their
+colour and shape. inpainting: "a <colour> <shape>" into the masked half of a plain
+background, scored on that colour being the main new colour there, and on the rest being kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+from collections import defaultdict
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from dalle2_cli.config import load_config  # noqa: E402
+from dalle2_cli.inference import ImageVariation, Inpainting, SamplingSettings, TextToImage  # noqa: E402
+from dalle2_cli.manager import DalleModelManager  # noqa: E402
+from dalle2_cli.shapes import COLORS, SHAPES, judge, nearest_color, random_scene  # noqa: E402
+
+
+def text2im_cases() -> list[tuple[str, str, str]]:
+    return [(c, s, b) for c in COLORS for s in SHAPES for b in COLORS if b != c]
+
+
+def evaluate_text2im(manager, settings: SamplingSettings, seeds: int) -> tuple[dict, list]:
+    cases = text2im_cases()
+    prompts = [f"a {c} {s} on a{'n' if b[0] in 'aeiou' else ''} {b} background" for c, s, b in cases]
+    made = TextToImage(manager, settings).run(prompts, num_images=seeds)
+    rows = []
+    for item in made:
+        color, shape, background = cases[prompts.index(item.prompt)]
+        verdict = judge(item.image)
+        rows.append(
+            {
+                "color": color,
+                "shape": shape,
+                "background": background,
+                "color_ok": verdict.color == color,
+                "shape_ok": verdict.shape == shape,
+                "background_ok": verdict.background == background,
+                "image": item.image,
+            }
+        )
+    return summarize(rows, ("color_ok", "shape_ok", "background_ok")), rows
+
+
+def evaluate_variation(manager, settings: SamplingSettings, count: int) -> dict:
+    rng = random.Random(1234)
+    scenes = [random_scene(rng) for _ in range(count)]
+    made = ImageVariation(manager, settings).run([s.draw(64) for s in scenes], num_images=1)
+    rows = []
+    for scene, item in zip(scenes, made, strict=True):
+        verdict = judge(item.image)
+        rows.append(
+            {
+                "color": scene.color,
+                "shape": scene.shape,
+                "background": scene.background,
+                "color_ok": verdict.color == scene.color,
+                "shape_ok": verdict.shape == scene.shape,
+                "background_ok": verdict.background == scene.background,
+            }
+        )
+    return summarize(rows, ("color_ok", "shape_ok", "background_ok"))
+
+
+def evaluate_inpainting(manager, settings: SamplingSettings, count: int) -> dict:
+    rng = random.Random(99)
+    rows = []
+    for number in range(count):
+        background = rng.choice(list(COLORS))
+        color = rng.choice([c for c in COLORS if c != background])
+        shape = rng.choice(SHAPES)
+        image = Image.new("RGB", (64, 64), COLORS[background])
+        regenerate = np.zeros((64, 64), dtype=bool)
+        half = slice(0, 32) if number % 2 == 0 else slice(32, 64)
+        regenerate[:, half] = True
+        script = Inpainting(manager, SamplingSettings(**{**settings.__dict__, "seed": settings.seed + number}))
+        output = np.asarray(script.run(image, regenerate, f"a {color} {shape}")[0].image, dtype=np.float64)
+        names = np.array([[nearest_color(p) for p in row] for row in output])
+        painted = names[regenerate][names[regenerate] != background].tolist()
+        # The colour asked for must be what was painted: the masked half's main new colour,
+        # on a visible part of it (the smallest shape covers about 6 % of the half).
+        main = max(set(painted), key=painted.count) if painted else None
+        rows.append(
+            {
+                "color": color,
+                "shape": shape,
+                "background": background,
+                "color_ok": main == color and painted.count(color) >= 0.03 * regenerate.sum(),
+                "kept_ok": bool((names[~regenerate] == background).all()),
+            }
+        )
+    return summarize(rows, ("color_ok", "kept_ok"))
+
+
+def summarize(rows: list[dict], scores: tuple[str, ...]) -> dict:
+    summary: dict = {"count": len(rows)}
+    for score in scores:
+        summary[score.removesuffix("_ok") + "_accuracy"] = float(np.mean([r[score] for r in rows]))
+    for group in ("color", "shape"):
+        table = defaultdict(list)
+        for row in rows:
+            table[row[group]].append(row)
+        summary[f"by_{group}"] = {
+            key: {score.removesuffix("_ok"): float(np.mean([r[score] for r in items])) for score in scores}
+            for key, items in sorted(table.items())
+        }
+    return summary
+
+
+def save_grid(rows: list[dict], path: str) -> None:
+    """One image per colour (rows) and shape (columns), on white and on black."""
+    picks = {}
+    for row in rows:
+        if row["background"] in ("white", "black"):
+            picks.setdefault((row["color"], row["shape"], row["background"]), row["image"])
+    colors = [c for c in COLORS if c not in ("white", "black")]
+    columns = [(s, b) for b in ("white", "black") for s in SHAPES]
+    cell = 64
+    grid = Image.new("RGB", (cell * len(columns), cell * len(colors)), "gray")
+    for r, color in enumerate(colors):
+        for c, (shape, background) in enumerate(columns):
+            image = picks.get((color, shape, background))
+            if image is not None:
+                grid.paste(image.resize((cell, cell)), (c * cell, r * cell))
+    grid.save(path)
+
+
+def print_table(name: str, summary: dict) -> None:
+    scores = [k for k in summary if k.endswith("_accuracy")]
+    print(f"\n{name}: {summary['count']} images; " + ", ".join(f"{k} {summary[k]:.1%}" for k in scores))
+    for group in ("by_color", "by_shape"):
+        for key, values in summary[group].items():
+            print(f"  {key:>8}: " + "  ".join(f"{k} {v:.0%}" for k, v in values.items()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", default="shapes")
+    parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
+    parser.add_argument("--variations", type=int, default=48)
+    parser.add_argument("--inpaintings", type=int, default=24)
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--prior-steps", type=int)
+    parser.add_argument("--decoder-steps", type=lambda t: [int(x) for x in t.split(",")])
+    parser.add_argument("--decoder-cond-scale", type=lambda t: [float(x) for x in t.split(",")])
+    parser.add_argument("--prior-cond-scale", type=float)
+    parser.add_argument("--only", choices=["text2im", "variation", "inpaint"])
+    parser.add_argument("--grid", help="also save a grid of text2im samples to this PNG")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    manager = DalleModelManager(load_config(args.config), log=lambda _: None)
+    settings = SamplingSettings(
+        seed=0,
+        batch_size=args.batch_size,
+        prior_steps=args.prior_steps,
+        decoder_steps=args.decoder_steps,
+        decoder_cond_scale=args.decoder_cond_scale,
+        prior_cond_scale=args.prior_cond_scale,
+    )
+    results, timings = {}, {}
+    if args.only in (None, "text2im"):
+        started = time.time()
+        results["text2im"], rows = evaluate_text2im(manager, settings, args.seeds)
+        timings["text2im"] = time.time() - started
+        if args.grid:
+            save_grid(rows, args.grid)
+    if args.only in (None, "variation"):
+        started = time.time()
+        results["variation"] = evaluate_variation(manager, settings, args.variations)
+        timings["variation"] = time.time() - started
+    if args.only in (None, "inpaint"):
+        started = time.time()
+        results["inpainting"] = evaluate_inpainting(manager, settings, args.inpaintings)
+        timings["inpainting"] = time.time() - started
+    for name, summary in results.items():
+        summary["seconds"] = round(timings[name], 1)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for name, summary in results.items():
+            print_table(f"{name} ({summary['seconds']:.0f}s)", summary)
+
+
+if __name__ == "__main__":
+    main()

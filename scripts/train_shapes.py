@@ -1,0 +1,360 @@
+"""Train the shipped `shapes` model: CLIP, prior, base decoder and upsampler, from a seed.
+
+    python scripts/train_shapes.py                  # everything, into dalle2_cli/weights/shapes
+                                                    # (configs/shapes.json names those files)
+    python scripts/train_shapes.py --resume         # go on from the last saved step
+    python scripts/train_shapes.py --scale 0.05     # a quick smoke run (5 % of the steps)
+
+Every stage uses dalle2-pytorch's own trainers (except CLIP, which open_clip does not train
+for us) and is saved as LAION's files are: tracker model saves with the training config and
+version embedded and EMA weights swapped in; the upsampler as unet 2 of its own decoder file.
+Stages checkpoint every few minutes under --work-dir, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
+import open_clip  # noqa: E402
+import packaging.version  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from dalle2_pytorch import DecoderTrainer, DiffusionPriorTrainer  # noqa: E402
+from dalle2_pytorch.trackers import Tracker  # noqa: E402
+from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # noqa: E402
+from dalle2_pytorch.version import __version__ as DALLE2_VERSION  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
+from dalle2_cli.shapes import caption, random_scene  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBED = 64
+TEXT_LEN = 16
+TIMESTEPS = 1000
+
+CLIP_ARCHITECTURE = {
+    "embed_dim": EMBED,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 4, "head_width": 32},
+    "text_cfg": {"context_length": TEXT_LEN, "vocab_size": 49408, "width": EMBED, "heads": 2, "layers": 2},
+}
+PRIOR = {
+    "net": {"dim": EMBED, "depth": 4, "dim_head": 32, "heads": 4, "max_text_len": TEXT_LEN, "num_timesteps": TIMESTEPS},
+    "image_embed_dim": EMBED,
+    "image_size": 32,
+    "timesteps": TIMESTEPS,
+    "cond_drop_prob": 0.1,
+    "condition_on_text_encodings": True,
+}
+# cond_dim must differ from image_embed_dim: when they are equal, dalle2-pytorch 1.15.6's Unet
+# skips its image-to-tokens projection and the image tokens get the wrong shape.
+BASE_UNET = {
+    "dim": 32,
+    "dim_mults": [1, 2, 4],
+    "image_embed_dim": EMBED,
+    "cond_dim": 128,
+    "cond_on_text_encodings": False,
+    "attn_dim_head": 16,
+    "attn_heads": 4,
+    "num_resnet_blocks": 1,
+    "attend_at_middle": False,
+}
+UPSAMPLER_UNET = {
+    "dim": 16,
+    "dim_mults": [1, 2, 4],
+    "cond_dim": 32,
+    "attn_dim_head": 16,
+    "attn_heads": 2,
+    "num_resnet_blocks": 1,
+    "attend_at_middle": False,
+    "init_cross_embed": False,
+}
+PLACEHOLDER_UNET = {
+    "dim": 8,
+    "dim_mults": [1],
+    "image_embed_dim": EMBED,
+    "cond_dim": 16,
+    "self_attn": False,
+    "init_cross_embed": False,
+}  # unet 1 of the upsampler's file: never trained, never used
+BASE = {"unets": [BASE_UNET], "image_sizes": [32], "timesteps": TIMESTEPS, "image_cond_drop_prob": 0.1}
+UPSAMPLER = {
+    "unets": [PLACEHOLDER_UNET, UPSAMPLER_UNET],
+    "image_sizes": [32, 64],
+    "timesteps": TIMESTEPS,
+    "random_crop_sizes": [None, 32],
+}
+
+
+@dataclass
+class Plan:
+    pool: int = 20000  # distinct scenes drawn once; every batch is drawn from them
+    clip_steps: int = 1000
+    prior_steps: int = 4000
+    base_steps: int = 2500
+    upsampler_steps: int = 1500
+    batch: int = 32
+    clip_batch: int = 128
+    prior_batch: int = 128
+
+    def scaled(self, factor: float) -> Plan:
+        steps = {
+            k: max(2, math.ceil(getattr(self, k) * factor))
+            for k in ("pool", "clip_steps", "prior_steps", "base_steps", "upsampler_steps")
+        }
+        return Plan(**{**self.__dict__, **steps})
+
+
+class Pool:
+    """`size` scenes drawn once from `seed`, each with three captions, kept as uint8 pixels."""
+
+    def __init__(self, size: int, seed: int):
+        rng = random.Random(seed)
+        scenes = [random_scene(rng) for _ in range(size)]
+        self.images = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in scenes])
+        self.captions = [[caption(s, rng) for _ in range(3)] for s in scenes]
+        self.keys = [(s.color, s.shape, s.background) for s in scenes]
+        self.image_embeds: torch.Tensor | None = None  # filled once CLIP is trained
+
+    def batch(self, count: int, seed: int) -> tuple[list[int], torch.Tensor, list[str]]:
+        """Indices, images [count, 3, 64, 64] in [0, 1], and one caption each."""
+        rng = random.Random(seed)
+        index = [rng.randrange(len(self.keys)) for _ in range(count)]
+        return index, self.images[index].float() / 255, [rng.choice(self.captions[i]) for i in index]
+
+    @torch.no_grad()
+    def embed_images(self, clip) -> None:
+        chunks = [clip.embed_image(self.images[i : i + 1000].float() / 255)[0] for i in range(0, len(self.keys), 1000)]
+        self.image_embeds = torch.cat(chunks)
+
+
+def log(stage: str, step: int, total: int, loss: float, started: float) -> None:
+    elapsed = time.time() - started
+    eta = elapsed / max(step, 1) * (total - step)
+    print(f"[{stage}] step {step}/{total} loss {loss:.4f} ({elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
+
+
+class Stage:
+    """A resumable training stage: `state.pt` in the work dir holds its trainer and step."""
+
+    def __init__(self, name: str, work: Path, seed: int, save_every_s: float = 300):
+        self.name, self.work, self.seed = name, work / name, seed
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.save_every_s = save_every_s
+        self.last_save = time.time()
+
+    def step_seed(self, step: int) -> int:
+        return zlib.crc32(f"{self.name}/{self.seed}/{step}".encode())  # str hash() varies per process
+
+    def due(self) -> bool:
+        return time.time() - self.last_save > self.save_every_s
+
+
+# -- CLIP ----------------------------------------------------------------------------------------
+
+
+def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> open_clip.CLIP:
+    stage = Stage("clip", work, seed)
+    torch.manual_seed(seed)
+    model = open_clip.CLIP(**CLIP_ARCHITECTURE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    state_file = stage.work / "state.pt"
+    start = 0
+    if resume and state_file.exists():
+        state = torch.load(state_file, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+    normalize = PrebuiltOpenClipAdapter(model, _normalize()).clip_normalize
+    started = time.time()
+    for step in range(start, plan.clip_steps):
+        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        index, images, captions = pool.batch(plan.clip_batch, stage.step_seed(step))
+        keys = [pool.keys[i] for i in index]
+        images = normalize(F.interpolate(images, size=32, mode="bilinear", antialias=True))
+        image_features = F.normalize(model.encode_image(images), dim=-1)
+        text_features = F.normalize(model.encode_text(open_clip.tokenize(captions, context_length=TEXT_LEN)), dim=-1)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        # Many captions in a batch describe the same thing: all of them are positives.
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32)
+        targets = same / same.sum(dim=1, keepdim=True)
+        loss = (
+            torch.sum(-targets * logits.log_softmax(1), 1).mean()
+            + torch.sum(-targets * logits.T.log_softmax(1), 1).mean()
+        ) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 50 == 0 or step == plan.clip_steps - 1:
+            log("clip", step + 1, plan.clip_steps, loss.item(), started)
+        if stage.due():
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, state_file)
+            stage.last_save = time.time()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": plan.clip_steps}, state_file)
+    return model.eval()
+
+
+def _normalize():
+    from torchvision.transforms import Normalize
+
+    from dalle2_cli.clip import OPENAI_MEAN, OPENAI_STD
+
+    return Normalize(OPENAI_MEAN, OPENAI_STD)
+
+
+def clip_adapter(model: open_clip.CLIP) -> PrebuiltOpenClipAdapter:
+    adapter = PrebuiltOpenClipAdapter(model, _normalize())
+    return adapter.eval().requires_grad_(False)
+
+
+# -- prior and decoders, through dalle2-pytorch's trainers ---------------------------------------
+
+
+def full_config(section: str, model: dict, plan: Plan, steps: int, batch: int) -> dict:
+    """The embedded training config, shaped like dalle2-pytorch's train configs."""
+    return {
+        section: model,
+        "train": {"use_ema": True, "steps": steps, "batch_size": batch},
+        "data": {"source": "dalle2_cli.shapes (procedural)", "image_size": 64},
+        "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local"}},
+    }
+
+
+def run_trainer(stage: Stage, trainer, steps: int, step_fn, resume: bool, unet_number: int | None = None) -> None:
+    checkpoint = stage.work / "trainer.pth"
+    start = 0
+    if resume and checkpoint.exists():
+        with torch.serialization.safe_globals([packaging.version.Version]):  # our own file
+            trainer.load(str(checkpoint))
+        start = int(trainer.step.item()) if unet_number is None else trainer.num_steps_taken(unet_number)
+        print(f"[{stage.name}] resumed at step {start}", flush=True)
+    started = time.time()
+    for step in range(start, steps):
+        loss = step_fn(stage.step_seed(step))
+        if step % 50 == 0 or step == steps - 1:
+            log(stage.name, step + 1, steps, loss, started)
+        if stage.due():
+            trainer.save(str(checkpoint))
+            stage.last_save = time.time()
+    trainer.save(str(checkpoint))
+
+
+def save_model_file(trainer, path: Path, config: dict) -> None:
+    """A tracker "model" save (config, version, EMA weights), then stored in half precision;
+    the noise-schedule buffers stay fp32, where half precision would change sampling."""
+    tracker = Tracker(data_path=str(path.parent / ".tracker"), dummy_mode=True)
+    tracker.save_metadata = {"version": packaging.version.parse(DALLE2_VERSION), "config": config}
+    tmp = path.with_suffix(".tmp")
+    tracker._save_state_dict(trainer, "model", str(tmp))
+    with torch.serialization.safe_globals([packaging.version.Version]):
+        saved = torch.load(tmp, weights_only=True)
+    saved["model"] = {
+        k: v.half() if v.is_floating_point() and not k.startswith(("noise_scheduler", "noise_schedulers")) else v
+        for k, v in saved["model"].items()
+    }
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+
+
+def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, clip, out: Path) -> None:
+    stage = Stage("prior", work, seed)
+    torch.manual_seed(seed)
+    prior = DiffusionPriorConfig(**PRIOR).create()
+    trainer = DiffusionPriorTrainer(
+        prior, lr=3e-4, wd=1e-2, max_grad_norm=1.0, ema_beta=0.99, ema_update_after_step=50, ema_update_every=1
+    )
+
+    def step(batch_seed: int) -> float:
+        index, _, captions = pool.batch(plan.prior_batch, batch_seed)
+        with torch.no_grad():
+            text_embed, text_encodings = clip.embed_text(tokenize(clip, captions))
+        image_embed = pool.image_embeds[index].clone()  # the prior scales its input in place
+        loss = trainer(text_embed=text_embed, image_embed=image_embed, text_encodings=text_encodings)
+        trainer.update()
+        return loss
+
+    run_trainer(stage, trainer, plan.prior_steps, step, resume)
+    save_model_file(trainer, out / "prior.pth", full_config("prior", PRIOR, plan, plan.prior_steps, plan.prior_batch))
+
+
+def train_decoder(
+    name: str,
+    decoder_config: dict,
+    unet_number: int,
+    steps: int,
+    plan: Plan,
+    pool: Pool,
+    work: Path,
+    seed: int,
+    resume: bool,
+    out: Path,
+) -> None:
+    stage = Stage(name, work, seed)
+    torch.manual_seed(seed)
+    decoder = DecoderConfig(**decoder_config).create()
+    trainer = DecoderTrainer(
+        decoder, lr=4e-4, wd=1e-2, max_grad_norm=1.0, ema_beta=0.99, ema_update_after_step=50, ema_update_every=1
+    )
+
+    def step(batch_seed: int) -> float:
+        index, images, _ = pool.batch(plan.batch, batch_seed)
+        loss = trainer(images, image_embed=pool.image_embeds[index], unet_number=unet_number)
+        trainer.update(unet_number)
+        return loss
+
+    run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number)
+    save_model_file(trainer, out / f"{name}.pth", full_config("decoder", decoder_config, plan, steps, plan.batch))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "dalle2_cli" / "weights" / "shapes")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / ".shapes-train")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = Plan().scaled(args.scale)
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work_dir / f"seed{args.seed}"  # a later --resume with a larger --scale trains on
+    if not args.resume and work.exists() and any(work.iterdir()):
+        raise SystemExit(f"{work} holds an earlier run: pass --resume to continue it, or delete it")
+    started = time.time()
+    print(f"plan: {plan}", flush=True)
+    pool = Pool(plan.pool, args.seed)
+    print(f"drew {plan.pool} scenes in {time.time() - started:.0f}s", flush=True)
+    model = train_clip(plan, pool, work, args.seed, args.resume)
+    save_file(
+        {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()},
+        str(args.out / "clip.safetensors"),
+    )
+    clip = clip_adapter(model)
+    pool.embed_images(clip)
+    train_prior(plan, pool, work, args.seed, args.resume, clip, args.out)
+    train_decoder("decoder-base", BASE, 1, plan.base_steps, plan, pool, work, args.seed, args.resume, args.out)
+    train_decoder(
+        "decoder-upsampler", UPSAMPLER, 2, plan.upsampler_steps, plan, pool, work, args.seed, args.resume, args.out
+    )
+    print(f"done in {time.time() - started:.0f}s; files in {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()
