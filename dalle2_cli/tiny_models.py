@@ -1,6 +1,6 @@
 """Tiny random-weight DALL·E 2 models, written in the formats real checkpoints use.
 
-Used by the tests and by `scripts/make_tiny_random.py`. Every file is written by
+Used by the tests. Every file is written by
 dalle2-pytorch's own code: one optimisation step through `DiffusionPriorTrainer` /
 `DecoderTrainer`, then saved by the trainer (`checkpoint` layout), by the tracker's model
 save (`tracker` layout: config and version embedded, EMA weights swapped in) or as a bare
@@ -154,11 +154,11 @@ def make_clip(path: Path) -> None:
         torch.save(model.state_dict(), path)
 
 
-def file_entry(path: Path, prefix: str | None = None, with_config: bool = False) -> dict[str, Any]:
-    """A `load_model_from` entry: the absolute path, or `prefix` + the file name."""
+def file_entry(path: Path, with_config: bool = False) -> dict[str, Any]:
+    """A `load_model_from` entry (and `load_config_from`, for files without an embedded config)."""
 
     def local(p: Path) -> dict[str, Any]:
-        return {"load_type": "local", "path": f"{prefix}{p.name}" if prefix is not None else str(p)}
+        return {"load_type": "local", "path": str(p)}
 
     entry = {"load_model_from": local(path)}
     if with_config:
@@ -171,13 +171,9 @@ def write_tiny_model(
     layout: Layout = "tracker",
     split_decoder: bool = True,
     seed: int = 0,
-    path_prefix: str | None = None,
-    config_path: Path | None = None,
 ) -> Path:
-    """Write CLIP, prior and decoder files into `directory` and a config naming them; return it.
-
-    The config goes to `config_path` (default `directory/config.json`); it names each file by
-    its absolute path, or by `path_prefix` + its file name.
+    """Write CLIP, prior and decoder files and `config.json` naming them into `directory`;
+    return the config's path.
 
     With `split_decoder`, unet 1 (16 px) and the upsampler (32 px) live in two files, the
     upsampler as unet 2 of its own two-unet decoder, as LAION's upsampler is.
@@ -193,13 +189,13 @@ def write_tiny_model(
         make_decoder(directory / f"decoder-upsampler{suffix}", [16, 32], [2], layout)
         sources = [
             {
-                **file_entry(directory / f"decoder-base{suffix}", path_prefix, with_config),
+                **file_entry(directory / f"decoder-base{suffix}", with_config=with_config),
                 "unet_numbers": [1],
                 "default_sample_timesteps": [10],
                 "default_cond_scale": [1.0],
             },
             {
-                **file_entry(directory / f"decoder-upsampler{suffix}", path_prefix, with_config),
+                **file_entry(directory / f"decoder-upsampler{suffix}", with_config=with_config),
                 "unet_numbers": [2],
                 "default_sample_timesteps": [10],
                 "default_cond_scale": [1.0],
@@ -209,7 +205,7 @@ def write_tiny_model(
         make_decoder(directory / f"decoder{suffix}", [16, 32], [1, 2], layout)
         sources = [
             {
-                **file_entry(directory / f"decoder{suffix}", path_prefix, with_config),
+                **file_entry(directory / f"decoder{suffix}", with_config=with_config),
                 "unet_numbers": [1, 2],
                 "default_sample_timesteps": [10, 10],
             }
@@ -218,11 +214,11 @@ def write_tiny_model(
         "clip": {
             "make": "open_clip",
             "architecture": CLIP_ARCHITECTURE,
-            "load_model_from": file_entry(directory / "clip.safetensors", path_prefix)["load_model_from"],
+            "load_model_from": file_entry(directory / "clip.safetensors")["load_model_from"],
         },
-        "prior": {**file_entry(directory / f"prior{suffix}", path_prefix, with_config), "default_sample_timesteps": 10},
+        "prior": {**file_entry(directory / f"prior{suffix}", with_config=with_config), "default_sample_timesteps": 10},
         "decoder": {"unet_sources": sources},
     }
-    config_path = config_path or directory / "config.json"
+    config_path = directory / "config.json"
     config_path.write_text(json.dumps(config, indent=2))
     return config_path

@@ -152,12 +152,12 @@ def test_local_paths_are_relative_to_the_config_file(tmp_path):
 
 
 def test_configs_are_found_by_name_and_by_path(tmp_path):
-    assert "tiny-random" in available_configs()
-    assert find_config("tiny-random") == find_config("tiny-random.json")
-    config = load_config("tiny-random")
+    assert "shapes" in available_configs()
+    assert find_config("shapes") == find_config("shapes.json")
+    config = load_config("shapes")
     # package:// points inside the installed package, wherever that is.
     assert Path(config.prior.load_model_from.path).is_file()
-    with pytest.raises(InputError, match="unknown config 'no-such'.*tiny-random"):
+    with pytest.raises(InputError, match="unknown config 'no-such'.*shapes"):
         find_config("no-such")
     with pytest.raises(InputError, match="is a directory"):
         find_config(str(tmp_path))
