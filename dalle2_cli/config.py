@@ -54,10 +54,6 @@ class File(_Strict):
             raise ValueError(f"url files need an http:// or https:// path, got {self.path!r}")
         return self
 
-    @property
-    def display_name(self) -> str:
-        return self.path
-
     def resolve_relative_to(self, base_dir: Path) -> File:
         """Local paths in a config file are relative to the config file's directory."""
         if self.load_type != "local":
