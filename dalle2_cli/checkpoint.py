@@ -24,6 +24,7 @@ import packaging.version
 import torch
 from torch import nn
 
+from dalle2_cli.atomic import atomic_path
 from dalle2_cli.errors import InputError
 
 T = TypeVar("T", bound=nn.Module)
@@ -241,10 +242,7 @@ def release_freed_memory() -> None:
 
 def write_safetensors(checkpoint: Checkpoint, target: Path, config: dict[str, Any] | None = None) -> None:
     """Save the checkpoint's chosen weights as safetensors, with its config and version in the
-    metadata so it loads without anything beside it. Written to a temporary name, then renamed."""
-    import os
-    import tempfile
-
+    metadata so it loads without anything beside it. Written whole or not at all."""
     from safetensors.torch import save_file
 
     metadata = {"weights": checkpoint.weights, "source_format": checkpoint.format}
@@ -259,11 +257,5 @@ def write_safetensors(checkpoint: Checkpoint, target: Path, config: dict[str, An
         pointer = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tensor.shape)
         tensors[key] = tensor.clone().contiguous() if pointer in seen else tensor.contiguous()
         seen.add(pointer)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -12,12 +12,12 @@ import http.client
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
+from dalle2_cli.atomic import atomic_path
 from dalle2_cli.config import File
 from dalle2_cli.errors import Dalle2Error, InputError
 
@@ -82,28 +82,24 @@ def _cached_download(file: File) -> Path:
 def download(url: str, target: Path, expected_sha256: str | None = None) -> None:
     """Fetch `url` into `target` atomically, verifying size and (if given) sha256."""
     digest = hashlib.sha256()
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "wb") as out, _open_url(url) as response:
+        with atomic_path(target) as tmp, open(tmp, "wb") as out, _open_url(url) as response:
             length = response.headers.get("Content-Length")
             received = 0
             while chunk := response.read(CHUNK):
                 out.write(chunk)
                 digest.update(chunk)
                 received += len(chunk)
-        if length is not None and received != int(length):
-            raise Dalle2Error(f"download of {url} stopped early: got {received} of {length} bytes")
-        actual = digest.hexdigest()
-        if expected_sha256 is not None and actual != expected_sha256:
-            raise Dalle2Error(f"download of {url} has sha256 {actual}, expected {expected_sha256}; nothing was cached")
-        os.replace(tmp_name, target)
-        _record_sha256(target, actual)
+            if length is not None and received != int(length):
+                raise Dalle2Error(f"download of {url} stopped early: got {received} of {length} bytes")
+            actual = digest.hexdigest()
+            if expected_sha256 is not None and actual != expected_sha256:
+                raise Dalle2Error(
+                    f"download of {url} has sha256 {actual}, expected {expected_sha256}; nothing was cached"
+                )
     except (http.client.HTTPException, OSError) as error:
-        Path(tmp_name).unlink(missing_ok=True)
         raise Dalle2Error(f"download of {url} failed: {error!r}") from None
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    _record_sha256(target, actual)
 
 
 def _open_url(url: str):
@@ -164,7 +160,5 @@ def _recorded_sha256(path: Path) -> str | None:
 
 def _record_sha256(path: Path, digest: str) -> None:
     stat = path.stat()
-    sidecar = _sidecar(path)
-    tmp = sidecar.with_name(sidecar.name + ".tmp")
-    tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
-    os.replace(tmp, sidecar)
+    with atomic_path(_sidecar(path)) as tmp:
+        tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")

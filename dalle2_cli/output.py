@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from dalle2_cli.atomic import atomic_path
 
 METADATA_KEY = "dalle2-cli"
 
@@ -33,19 +33,13 @@ def unique_path(directory: Path, stem: str, taken: set[Path]) -> Path:
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
-    """Write to a temporary name in the same directory, then rename into place."""
+    """Written whole or not at all (see dalle2_cli.atomic)."""
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
     if metadata.get("prompt"):
         info.add_text("prompt", str(metadata["prompt"]))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
 
 
 def read_metadata(path: Path) -> dict[str, Any] | None:
