@@ -160,7 +160,7 @@ def _generate(
 ) -> None:
     """Shared by the generating commands: build the inference `script` (a class of
     dalle2_cli.inference), `run` it, save the images, report."""
-    from dalle2_cli.config import find_config, load_config
+    from dalle2_cli.config import load_config
 
     # Check what is cheap to check before the (slow) torch import.
     name = _config_name(config)
@@ -186,7 +186,7 @@ def _generate(
             **record,
             **used,
             "command": command,
-            "config": str(find_config(name)),
+            "config": str(model_config.source_path),
             "model_files": {role: str(p) for role, p in manager.files.items()},
             "tool": f"dalle2-cli {__version__}",
         }
