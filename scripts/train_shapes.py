@@ -224,7 +224,7 @@ def clip_adapter(model: open_clip.CLIP) -> PrebuiltOpenClipAdapter:
 # -- prior and decoders, through dalle2-pytorch's trainers ---------------------------------------
 
 
-def full_config(section: str, model: dict, plan: Plan, steps: int, batch: int) -> dict:
+def full_config(section: str, model: dict, steps: int, batch: int) -> dict:
     """The embedded training config, shaped like dalle2-pytorch's train configs."""
     return {
         section: model,
@@ -288,7 +288,7 @@ def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, cli
         return loss
 
     run_trainer(stage, trainer, plan.prior_steps, step, resume)
-    save_model_file(trainer, out / "prior.pth", full_config("prior", PRIOR, plan, plan.prior_steps, plan.prior_batch))
+    save_model_file(trainer, out / "prior.pth", full_config("prior", PRIOR, plan.prior_steps, plan.prior_batch))
 
 
 def train_decoder(
@@ -317,7 +317,7 @@ def train_decoder(
         return loss
 
     run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number)
-    save_model_file(trainer, out / f"{name}.pth", full_config("decoder", decoder_config, plan, steps, plan.batch))
+    save_model_file(trainer, out / f"{name}.pth", full_config("decoder", decoder_config, steps, plan.batch))
 
 
 def main() -> None:
@@ -356,5 +356,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.random.seed(0)
     main()
