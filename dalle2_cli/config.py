@@ -25,7 +25,11 @@ class _Strict(BaseModel):
 
 
 class File(_Strict):
-    """One model or config file: `local` (a path) or `url` (downloaded into a cache)."""
+    """One model or config file: `local` (a path) or `url` (downloaded into a cache).
+
+    A `url` is http(s), or a Hugging Face hub file (`hf://ORG/REPO/PATH[@REV]` or a
+    huggingface.co `resolve` url), which huggingface_hub fetches into its own cache; for those,
+    `cache_dir`, `filename_override` and `checksum_file_path` are not needed and not used."""
 
     load_type: Literal["local", "url"]
     path: str
@@ -50,8 +54,9 @@ class File(_Strict):
 
     @model_validator(mode="after")
     def _url_scheme(self) -> File:
-        if self.load_type == "url" and not re.match(r"https?://", self.path):
-            raise ValueError(f"url files need an http:// or https:// path, got {self.path!r}")
+        # Only http(s), and Hugging Face hub files (fetched over https by huggingface_hub).
+        if self.load_type == "url" and not re.match(r"(https?|hf)://", self.path):
+            raise ValueError(f"url files need an http://, https:// or hf:// path, got {self.path!r}")
         return self
 
     def resolve_relative_to(self, base_dir: Path) -> File:

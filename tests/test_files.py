@@ -3,131 +3,207 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from dalle2_cli.config import File
+from dalle2_cli.config import File, ModelLoadConfig
 from dalle2_cli.errors import Dalle2Error, InputError
-from dalle2_cli.files import cache_path, resolve_file
+from dalle2_cli.files import cache_path, default_cache_dir, partial_path, resolve_file
+from tests.http_server import FakeServer
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 DIGEST = hashlib.sha256(BODY).hexdigest()
 
 
-class Server:
-    """Serves `routes[path] = (status, body, declared_length or None)` and counts requests."""
-
-    def __init__(self):
-        self.routes: dict[str, tuple[int, bytes, int | None]] = {}
-        self.hits: dict[str, int] = {}
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's naming
-                server.hits[self.path] = server.hits.get(self.path, 0) + 1
-                status, body, length = server.routes.get(self.path, (404, b"not found", None))
-                self.send_response(status)
-                self.send_header("Content-Length", str(length if length is not None else len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    served = Server()
+    served = FakeServer()
     yield served
     served.close()
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(monkeypatch):
+    monkeypatch.setenv("DALLE2_DOWNLOAD_BACKOFF", "0.01")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
 
 def url_file(server, path, tmp_path, **extra) -> File:
     return File(load_type="url", path=server.url(path), cache_dir=str(tmp_path / "cache"), **extra)
 
 
-def leftovers(tmp_path) -> list[str]:
+def cached(tmp_path) -> list[str]:
+    """Files under their final names in the cache (not partial downloads, not locks)."""
     cache = tmp_path / "cache"
-    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+    return sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) if cache.exists() else []
+
+
+def partials(tmp_path) -> list[str]:
+    directory = tmp_path / "cache" / ".partial"
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
 def test_download_lands_in_cache_and_is_reused(server, tmp_path):
-    server.routes["/m/decoder.pth"] = (200, BODY, None)
+    server.serve("/m/decoder.pth", BODY)
     file = url_file(server, "/m/decoder.pth", tmp_path, sha256=DIGEST)
     path = resolve_file(file)
     assert path == tmp_path / "cache" / "decoder.pth"
     assert path.read_bytes() == BODY
     assert resolve_file(file) == path
-    assert server.hits["/m/decoder.pth"] == 1  # the second use came from the cache
+    assert len(server.gets("/m/decoder.pth")) == 1  # the second use came from the cache
+    assert cached(tmp_path) == ["decoder.pth", "decoder.pth.sha256"] and partials(tmp_path) == []
+
+
+def test_default_cache_dir_is_per_user_and_overridable(monkeypatch, tmp_path):
+    monkeypatch.delenv("DALLE2_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "dalle2-cli"  # platformdirs, on Linux
+    monkeypatch.setenv("DALLE2_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
 
 
 def test_filename_override_names_the_cached_file(server, tmp_path):
-    server.routes["/latest.pth"] = (200, BODY, None)
+    server.serve("/latest.pth", BODY)
     path = resolve_file(url_file(server, "/latest.pth", tmp_path, filename_override="prior.pth"))
     assert path.name == "prior.pth" and path.read_bytes() == BODY
 
 
-def test_wrong_sha256_caches_nothing(server, tmp_path):
-    server.routes["/m.pth"] = (200, BODY, None)
-    with pytest.raises(Dalle2Error, match="sha256"):
-        resolve_file(url_file(server, "/m.pth", tmp_path, sha256="0" * 64))
-    assert leftovers(tmp_path) == []
+def test_resume_after_the_body_is_cut_half_way(server, tmp_path, capsys):
+    route = server.serve("/m.pth", BODY, faults=["cut"])
+    path = resolve_file(url_file(server, "/m.pth", tmp_path, sha256=DIGEST))
+    assert path.read_bytes() == BODY
+    first, second = server.gets("/m.pth")
+    assert "Range" not in first.headers
+    assert second.headers["Range"] == f"bytes={len(BODY) // 2}-"  # only the missing half was asked for
+    assert second.headers["If-Range"] == f'"{route.etag}"'  # and only if the file is still the same
+    assert "retrying" in capsys.readouterr().err
+    assert partials(tmp_path) == []
 
 
-def test_http_error_caches_nothing(server, tmp_path):
-    with pytest.raises(Dalle2Error, match="HTTP 404"):
-        resolve_file(url_file(server, "/missing.pth", tmp_path))
-    assert leftovers(tmp_path) == []
+def test_resume_after_a_connection_reset(server, tmp_path):
+    server.serve("/m.pth", BODY, faults=["reset"])
+    assert resolve_file(url_file(server, "/m.pth", tmp_path, sha256=DIGEST)).read_bytes() == BODY
+    assert server.gets("/m.pth")[1].headers["Range"] == f"bytes={len(BODY) // 2}-"
 
 
-def test_body_shorter_than_content_length_caches_nothing(server, tmp_path):
-    server.routes["/short.pth"] = (200, BODY[:1000], len(BODY))
+def test_an_interrupted_download_resumes_in_the_next_run(server, tmp_path, monkeypatch):
+    server.serve("/m.pth", BODY, faults=["cut"])
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
+    file = url_file(server, "/m.pth", tmp_path, sha256=DIGEST)
+    with pytest.raises(Dalle2Error, match="run the command again to resume"):
+        resolve_file(file)
+    assert cached(tmp_path) == []  # nothing under the final name
+    assert partial_path(cache_path(file)).stat().st_size == len(BODY) // 2
+    assert resolve_file(file).read_bytes() == BODY
+    assert server.gets("/m.pth")[-1].headers["Range"] == f"bytes={len(BODY) // 2}-"
+
+
+def test_a_partial_file_of_an_older_version_is_not_spliced(server, tmp_path, monkeypatch):
+    server.serve("/m.pth", BODY, faults=["cut"])
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
+    file = url_file(server, "/m.pth", tmp_path)
     with pytest.raises(Dalle2Error):
+        resolve_file(file)
+    new_body = BODY[::-1]
+    server.serve("/m.pth", new_body)  # the file changed upstream meanwhile
+    assert resolve_file(file).read_bytes() == new_body
+    last = server.gets("/m.pth")[-1]
+    assert "If-Range" in last.headers  # the server saw the old validator and sent the whole new file
+
+
+def test_a_resumed_file_that_fails_its_sha256_is_fetched_whole_once_more(server, tmp_path, monkeypatch, capsys):
+    new_body = BODY[::-1]
+    server.serve("/m.pth", BODY, faults=["cut"], validators=False)  # nothing to tell versions apart
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
+    file = url_file(server, "/m.pth", tmp_path, sha256=hashlib.sha256(new_body).hexdigest())
+    with pytest.raises(Dalle2Error):
+        resolve_file(file)
+    server.serve("/m.pth", new_body, validators=False)
+    assert resolve_file(file).read_bytes() == new_body  # not half of each
+    ranges = [s.headers.get("Range") for s in server.gets("/m.pth")]
+    assert ranges == [None, f"bytes={len(BODY) // 2}-", None]
+    assert "sha256 mismatch after resuming" in capsys.readouterr().err
+
+
+def test_500_then_success(server, tmp_path, capsys):
+    server.serve("/m.pth", BODY, faults=["500", "500"])
+    assert resolve_file(url_file(server, "/m.pth", tmp_path)).read_bytes() == BODY
+    assert len(server.gets("/m.pth")) == 3
+    assert capsys.readouterr().err.count("HTTP 500") == 2
+
+
+def test_persistent_500_gives_up_with_a_clear_error(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "2")
+    server.serve("/m.pth", BODY, faults=["500"] * 5)
+    with pytest.raises(Dalle2Error, match=r"download of .*/m.pth failed after retries: HTTP 500"):
+        resolve_file(url_file(server, "/m.pth", tmp_path))
+    assert len(server.gets("/m.pth")) == 3 and cached(tmp_path) == []
+
+
+def test_404_is_a_clear_error_and_caches_nothing(server, tmp_path):
+    with pytest.raises(Dalle2Error, match=r"cannot download http://127.0.0.1:\d+/missing.pth: HTTP 404"):
+        resolve_file(url_file(server, "/missing.pth", tmp_path))
+    assert len(server.gets("/missing.pth")) == 1  # not retried: it will not appear
+    assert cached(tmp_path) == [] and partials(tmp_path) == []
+
+
+def test_body_shorter_than_content_length_caches_nothing(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "2")
+    server.serve("/short.pth", BODY[:1000], declared_length=len(BODY), ranges=False)
+    with pytest.raises(Dalle2Error, match=f"sent 1000 of {len(BODY)} bytes"):
         resolve_file(url_file(server, "/short.pth", tmp_path))
-    assert leftovers(tmp_path) == []
+    assert cached(tmp_path) == []
+
+
+def test_wrong_sha256_caches_nothing(server, tmp_path):
+    server.serve("/m.pth", BODY)
+    with pytest.raises(Dalle2Error, match=f"has sha256 {DIGEST}, expected 0{{64}}; nothing was cached"):
+        resolve_file(url_file(server, "/m.pth", tmp_path, sha256="0" * 64))
+    assert cached(tmp_path) == [] and partials(tmp_path) == []
 
 
 def test_corrupted_cache_file_is_fetched_again_when_sha256_is_known(server, tmp_path):
-    server.routes["/m.pth"] = (200, BODY, None)
+    server.serve("/m.pth", BODY)
     file = url_file(server, "/m.pth", tmp_path, sha256=DIGEST)
     path = resolve_file(file)
     path.write_bytes(b"garbage")
     assert resolve_file(file).read_bytes() == BODY
-    assert server.hits["/m.pth"] == 2
+    assert len(server.gets("/m.pth")) == 2
 
 
-def test_changed_remote_checksum_downloads_again(server, tmp_path):
+def test_a_changed_cache_file_is_fetched_again_even_without_a_known_sha256(server, tmp_path):
+    server.serve("/m.pth", BODY)
+    file = url_file(server, "/m.pth", tmp_path)
+    resolve_file(file).write_bytes(b"garbage")  # differs from what was recorded at download
+    assert resolve_file(file).read_bytes() == BODY
+
+
+def test_changed_remote_checksum_downloads_again(server, tmp_path, capsys):
     new_body = BODY[::-1]
-    server.routes["/m.pth"] = (200, BODY, None)
-    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{DIGEST}\n"
-    server.routes["/m.pth.pointer"] = (200, pointer.encode(), None)
+    server.serve("/m.pth", BODY)
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{DIGEST}\nsize {len(BODY)}\n"
+    server.serve("/m.pth.pointer", pointer.encode())
     file = url_file(server, "/m.pth", tmp_path, checksum_file_path=server.url("/m.pth.pointer"))
     assert resolve_file(file).read_bytes() == BODY
     assert resolve_file(file).read_bytes() == BODY
-    assert server.hits["/m.pth"] == 1
+    assert len(server.gets("/m.pth")) == 1
     new_digest = hashlib.sha256(new_body).hexdigest()
-    server.routes["/m.pth"] = (200, new_body, None)
-    server.routes["/m.pth.pointer"] = (200, f"oid sha256:{new_digest}\n".encode(), None)
+    server.serve("/m.pth", new_body)
+    server.serve("/m.pth.pointer", f"oid sha256:{new_digest}\n".encode())
     assert resolve_file(file).read_bytes() == new_body
-    assert server.hits["/m.pth"] == 2
+    assert len(server.gets("/m.pth")) == 2
+    assert "changed upstream" in capsys.readouterr().err
 
 
 def test_unreachable_checksum_uses_the_cached_file(server, tmp_path, capsys):
-    server.routes["/m.pth"] = (200, BODY, None)
-    server.routes["/sum"] = (200, DIGEST.encode(), None)
+    server.serve("/m.pth", BODY)
+    server.serve("/sum", DIGEST.encode())
     file = url_file(server, "/m.pth", tmp_path, checksum_file_path=server.url("/sum"))
     resolve_file(file)
     del server.routes["/sum"]
@@ -137,8 +213,91 @@ def test_unreachable_checksum_uses_the_cached_file(server, tmp_path, capsys):
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
     file = File(load_type="url", path="http://127.0.0.1:9/x.pth", cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(Dalle2Error, match="cannot download http://127.0.0.1:9/x.pth"):
+    with pytest.raises(Dalle2Error, match="cannot download http://127.0.0.1:9/x.pth: Connection refused"):
         resolve_file(file)
+
+
+def test_a_redirect_to_another_scheme_is_refused(server, tmp_path):
+    server.serve("/m.pth", b"", status=302, headers={"Location": "ftp://127.0.0.1/m.pth"})
+    with pytest.raises(Dalle2Error, match="only http and https are followed"):
+        resolve_file(url_file(server, "/m.pth", tmp_path))
+
+
+CONCURRENT = textwrap.dedent(
+    """
+    import sys
+    from dalle2_cli.config import File
+    from dalle2_cli.files import resolve_file
+    path = resolve_file(File(load_type="url", path=sys.argv[1], cache_dir=sys.argv[2], sha256=sys.argv[3]))
+    print(path)
+    """
+)
+
+
+def test_four_processes_download_the_same_file_once(server, tmp_path):
+    server.serve("/big.pth", BODY, delay_s=1.0)  # long enough for all four to ask meanwhile
+    args = [server.url("/big.pth"), str(tmp_path / "cache"), DIGEST]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CONCURRENT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
+    assert [code for code, _, _ in results] == [0, 0, 0, 0], [err for _, _, err in results]
+    assert {out.decode().strip() for _, out, _ in results} == {str(tmp_path / "cache" / "big.pth")}
+    assert len(server.gets("/big.pth")) == 1
+    assert (tmp_path / "cache" / "big.pth").read_bytes() == BODY
+
+
+def test_offline_with_a_warm_cache_touches_no_network(server, tmp_path, monkeypatch):
+    server.serve("/m.pth", BODY)
+    server.serve("/sum", DIGEST.encode())
+    file = url_file(server, "/m.pth", tmp_path, checksum_file_path=server.url("/sum"))
+    path = resolve_file(file)
+    before = len(server.requests())
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve_file(file) == path
+    assert len(server.requests()) == before  # not even the checksum file was asked for
+
+
+def test_offline_with_a_cold_cache_names_the_file_and_the_fix(server, tmp_path, monkeypatch):
+    server.serve("/m.pth", BODY)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    file = url_file(server, "/m.pth", tmp_path)
+    with pytest.raises(Dalle2Error) as error:
+        resolve_file(file, config_name="my.json")
+    message = str(error.value)
+    assert server.url("/m.pth") in message and "offline" in message
+    assert "`dalle2 models download -c my.json`" in message
+    assert server.requests() == []
+
+
+@pytest.mark.parametrize("name", ["../../x", "/etc/passwd", "a\0b", "..", "sub/x"])
+def test_filename_override_cannot_leave_the_cache(tmp_path, name):
+    entry = {"load_type": "url", "path": "https://e.org/p.pth", "filename_override": name}
+    config = {"prior": {"load_model_from": entry}}
+    with pytest.raises(InputError, match="filename_override: must be a plain file name"):
+        ModelLoadConfig.from_dict(config)
+    # And if a File skipped validation, the cache refuses it itself.
+    file = File.model_construct(
+        load_type="url", path="https://e.org/p.pth", cache_dir=str(tmp_path), filename_override=name
+    )
+    with pytest.raises(InputError, match="filename_override"):
+        cache_path(file)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://e.org/", "https://e.org/a/..", "https://e.org/a%2F..%2F..%2Fx", "https://e.org/%00"]
+)
+def test_names_derived_from_urls_cannot_leave_the_cache(tmp_path, url):
+    with pytest.raises(InputError, match="set filename_override"):
+        cache_path(File(load_type="url", path=url, cache_dir=str(tmp_path)))
+
+
+def test_only_http_https_and_hub_urls_are_accepted():
+    for path in ("ftp://e.org/x.pth", "file:///etc/passwd", "/local/x.pth"):
+        with pytest.raises(InputError, match="http://, https:// or hf://"):
+            ModelLoadConfig.from_dict({"prior": {"load_model_from": {"load_type": "url", "path": path}}})
+    ModelLoadConfig.from_dict({"prior": {"load_model_from": {"load_type": "url", "path": "hf://org/repo/p.pth"}}})
 
 
 def test_missing_local_file_is_an_input_error(tmp_path):
@@ -146,6 +305,11 @@ def test_missing_local_file_is_an_input_error(tmp_path):
         resolve_file(File(load_type="local", path=str(tmp_path / "nope.pth")))
 
 
-def test_url_without_a_file_name_needs_an_override(tmp_path):
-    with pytest.raises(InputError, match="filename_override"):
-        cache_path(File(load_type="url", path="https://example.org/", cache_dir=str(tmp_path)))
+def test_resume_state_is_kept_beside_the_partial_file(server, tmp_path, monkeypatch):
+    server.serve("/m.pth", BODY, faults=["cut"])
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
+    file = url_file(server, "/m.pth", tmp_path)
+    with pytest.raises(Dalle2Error):
+        resolve_file(file)
+    state = json.loads(Path(str(partial_path(cache_path(file))) + ".json").read_text())
+    assert state["url"] == server.url("/m.pth") and state["validator"]
