@@ -6,6 +6,7 @@ Torch and the models are imported inside the commands, never at module level, so
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -28,6 +29,8 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="List and check model configs.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+models_app = typer.Typer(help="Download, list, verify and remove cached model files.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 CONFIG_ENV = "DALLE2_CONFIG"
 DEFAULT_CONFIG = "shapes"  # the model shipped in the package: works offline, on CPU
@@ -102,6 +105,17 @@ NonStrictOpt = Annotated[
     bool, typer.Option("--non-strict", help="Load checkpoints whose keys do not match (those weights stay random).")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks and the libraries' own progress bars.")]
+OfflineOpt = Annotated[
+    bool,
+    typer.Option("--offline", help="Never touch the network: use cached model files or fail (as HF_HUB_OFFLINE=1)."),
+]
+
+
+def _go_offline(offline: bool) -> None:
+    """--offline is HF_HUB_OFFLINE=1, set before huggingface_hub (or open_clip) is imported,
+    so that it reaches them too, and every child process."""
+    if offline:
+        os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _say(message: str) -> None:
@@ -168,10 +182,13 @@ def _generate(
     directory = _output_dir(out)
 
     from dalle2_cli import inference
+    from dalle2_cli.files import resolve_file
     from dalle2_cli.manager import DalleModelManager
     from dalle2_cli.output import save_png, slug, unique_path
 
-    manager = DalleModelManager(model_config, **load)
+    # The config's name goes into messages about files missing offline (how to fetch them).
+    resolve = functools.partial(resolve_file, config_name=name)
+    manager = DalleModelManager(model_config, resolve=resolve, **load)
     script_class = getattr(inference, script)
     generated = run(script_class(manager, inference.SamplingSettings(**settings)))
 
@@ -263,12 +280,14 @@ def text2im(
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
+    offline: OfflineOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Make images from text prompts."""
 
     def body() -> None:
+        _go_offline(offline)
         if any(not p.strip() for p in prompts):
             raise InputError("a prompt is empty: describe the image to make")
         settings = _settings(
@@ -304,12 +323,14 @@ def variation(
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
+    offline: OfflineOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Make new images with the content and style of existing ones."""
 
     def body() -> None:
+        _go_offline(offline)
         from dalle2_cli.images import open_image
 
         settings = _settings(num_images, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
@@ -346,12 +367,14 @@ def inpaint(
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
+    offline: OfflineOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Regenerate the masked area of an image."""
 
     def body() -> None:
+        _go_offline(offline)
         from dalle2_cli.images import open_image, open_mask
 
         if prompt is not None and not prompt.strip():
@@ -457,6 +480,153 @@ def config_show(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
 
         loaded = load_config(_config_name(config))
         print(loaded.model_dump_json(indent=2, exclude_none=True))
+
+    _guard(debug, body)
+
+
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (none is shown off a terminal).")]
+
+
+def _size(size: int) -> str:
+    from rich.filesize import decimal
+
+    return decimal(size)
+
+
+@models_app.command("download")
+def models_download(
+    config: ConfigOpt = None,
+    offline: OfflineOpt = False,
+    quiet: QuietOpt = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object listing the files.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Fetch every file a config needs into the caches (with --offline: check they are there)."""
+
+    def body() -> None:
+        _go_offline(offline)
+        from dalle2_cli.config import load_config
+        from dalle2_cli.models import download_config
+
+        name = _config_name(config)
+        fetched = download_config(load_config(name), name, quiet=quiet)
+        if json_out:
+            print(json.dumps({"config": name, "files": [f.as_dict() for f in fetched]}))
+        for item in fetched:
+            _say(f"{item.role}: {item.path} ({_size(item.size)})")
+        _say(f"{len(fetched)} file(s) of {name} ready")
+
+    _guard(debug, body)
+
+
+@models_app.command("list")
+def models_list(
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Also show which files this config (name or path) uses.")
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object listing the files.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Cached model files: name, size, the configs that use them (shipped configs, and -c)."""
+
+    def body() -> None:
+        from dalle2_cli.files import default_cache_dir
+        from dalle2_cli.models import cached_entries, known_configs
+
+        entries = cached_entries(known_configs(config))
+        hub_cache = None
+        if any(e.source == "hub" for e in entries):
+            from dalle2_cli.hub import hub_cache_dir
+
+            hub_cache = str(hub_cache_dir())
+        if json_out:
+            print(
+                json.dumps(
+                    {
+                        "cache_dir": str(default_cache_dir()),
+                        "hub_cache_dir": hub_cache,
+                        "files": [e.as_dict() for e in entries],
+                    }
+                )
+            )
+            return
+        print(f"cache: {default_cache_dir()}")
+        if hub_cache:
+            print(f"Hugging Face cache: {hub_cache}")
+        if not entries:
+            print("no model files cached")
+        for e in entries:
+            used = ", ".join(e.configs) or "-"
+            status = "" if e.status == "complete" else f" [{e.status}]"
+            print(f"{e.name}{status}\t{_size(e.size)}\t{used}\t{e.path}")
+
+    _guard(debug, body)
+
+
+@models_app.command("verify")
+def models_verify(
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="This config's files (missing ones fail); default: all cached files."),
+    ] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object with each file's verdict.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Re-hash cached files against their known checksums; exit 1 if one is bad or missing."""
+
+    def body() -> None:
+        from dalle2_cli.config import load_config
+        from dalle2_cli.models import known_configs, verify_cache, verify_config
+
+        verdicts = verify_config(load_config(config)) if config else verify_cache(known_configs())
+        failed = [v for v in verdicts if v.failed]
+        if json_out:
+            print(json.dumps({"ok": not failed, "files": [v.as_dict() for v in verdicts]}))
+        else:
+            if not verdicts:
+                print("no model files cached")
+            for v in verdicts:
+                print(f"{v.status}\t{v.name}\t{v.detail}")
+        if failed:
+            names = ", ".join(v.name for v in failed)
+            fetch = f"`dalle2 models download -c {config or 'CONFIG'}`"
+            bad = [v.name for v in failed if v.status == "bad"]
+            # A bad file is removed first: the Hugging Face cache would keep serving it.
+            fix = f"remove with `dalle2 models rm {' '.join(bad)}`, then fetch with {fetch}" if bad else f"run {fetch}"
+            raise Dalle2Error(f"{len(failed)} file(s) failed verification ({names}): {fix}")
+
+    _guard(debug, body)
+
+
+@models_app.command("rm")
+def models_rm(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Names (or paths) as `dalle2 models list` shows them.")
+    ] = None,
+    config: Annotated[
+        str | None, typer.Option("--config", "-c", help="Remove every cached file of this config (name or path).")
+    ] = None,
+    everything: Annotated[
+        bool, typer.Option("--all", help="Remove everything in dalle2-cli's cache (not the Hugging Face cache).")
+    ] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object listing what was removed.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove cached model files (and their partial downloads)."""
+
+    def body() -> None:
+        from dalle2_cli.models import cached_entries, known_configs, remove_entries, select_entries
+
+        if not names and config is None and not everything:
+            raise InputError("say what to remove: NAME ..., -c CONFIG or --all (`dalle2 models list` shows names)")
+        entries = cached_entries(known_configs(config))
+        removed = remove_entries(select_entries(entries, names or [], config, everything))
+        if json_out:
+            print(json.dumps({"removed": [str(p) for p in removed]}))
+        for path in removed:
+            _say(f"removed {path}")
+        if not removed:
+            _say("nothing to remove")
 
     _guard(debug, body)
 

@@ -97,8 +97,10 @@ def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> Bas
         name = openai_name_in_open_clip(config.model)
         try:
             model = open_clip.create_model(name, pretrained="openai")
-        except RuntimeError as error:
-            raise InputError(f"cannot get OpenAI CLIP {config.model!r} through open_clip: {error}") from None
+        except (RuntimeError, OSError) as error:  # OSError: the download failed, or offline and not cached
+            raise InputError(
+                f"cannot get OpenAI CLIP {config.model!r} through open_clip: {_first_line(error)}{_offline_hint()}"
+            ) from None
     else:
         path = resolve(config.load_model_from)
         checkpoint = read_checkpoint(path, map_location=map_location)
@@ -132,8 +134,9 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> 
             pretrained = config.pretrained or (tags[0] if tags else None)
         try:
             model = open_clip.create_model(config.model, pretrained=pretrained)
-        except RuntimeError as error:
-            raise InputError(f"open_clip cannot build {config.model!r}: {error}") from None
+        except (RuntimeError, OSError) as error:
+            message = f"open_clip cannot build {config.model!r}: {_first_line(error)}"
+            raise InputError(message + _offline_hint()) from None
     if config.load_model_from is not None:
         _load_file(model, config.load_model_from, resolve, strict, map_location)
     mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
@@ -157,6 +160,18 @@ def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str
     if config.load_model_from is not None:
         _load_file(model, config.load_model_from, resolve, strict, map_location)
     return adapter_class(model, **config.adapter_overrides)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _offline_hint() -> str:
+    from dalle2_cli.files import is_offline
+
+    if not is_offline():
+        return ""
+    return " (offline mode is on: `dalle2 models download -c CONFIG` fetches the CLIP weights while online)"
 
 
 def _from_file(config: ClipConfig, strict: bool) -> bool:
