@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,7 @@ def test_download_lands_in_cache_and_is_reused(server, tmp_path):
     assert cached(tmp_path) == ["decoder.pth", "decoder.pth.sha256"] and partials(tmp_path) == []
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="platformdirs' Linux layout")
 def test_default_cache_dir_is_per_user_and_overridable(monkeypatch, tmp_path):
     monkeypatch.delenv("DALLE2_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
@@ -225,27 +227,39 @@ def test_a_redirect_to_another_scheme_is_refused(server, tmp_path):
 
 CONCURRENT = textwrap.dedent(
     """
-    import sys
+    import sys, time
+    from pathlib import Path
     from dalle2_cli.config import File
     from dalle2_cli.files import resolve_file
-    path = resolve_file(File(load_type="url", path=sys.argv[1], cache_dir=sys.argv[2], sha256=sys.argv[3]))
-    print(path)
+    url, cache, digest, ready, go = sys.argv[1:]
+    Path(ready).touch()
+    while not Path(go).exists():  # all four start together
+        time.sleep(0.01)
+    print(resolve_file(File(load_type="url", path=url, cache_dir=cache, sha256=digest)))
     """
 )
 
 
 def test_four_processes_download_the_same_file_once(server, tmp_path):
-    server.serve("/big.pth", BODY, delay_s=1.0)  # long enough for all four to ask meanwhile
-    args = [server.url("/big.pth"), str(tmp_path / "cache"), DIGEST]
-    procs = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(4)
-    ]
+    server.serve("/big.pth", BODY, delay_s=1.0)  # keeps the first download in flight while the others ask
+    go = tmp_path / "go"
+    procs = []
+    for index in range(4):
+        args = [server.url("/big.pth"), str(tmp_path / "cache"), DIGEST, str(tmp_path / f"ready{index}"), str(go)]
+        procs.append(
+            subprocess.Popen([sys.executable, "-c", CONCURRENT, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.touch()
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert [code for code, _, _ in results] == [0, 0, 0, 0], [err for _, _, err in results]
     assert {out.decode().strip() for _, out, _ in results} == {str(tmp_path / "cache" / "big.pth")}
     assert len(server.gets("/big.pth")) == 1
     assert (tmp_path / "cache" / "big.pth").read_bytes() == BODY
+    waited = sum("waiting for another process" in err.decode() for _, _, err in results)
+    assert waited >= 1  # the others really did wait on the lock, not arrive after the fact
 
 
 def test_offline_with_a_warm_cache_touches_no_network(server, tmp_path, monkeypatch):
