@@ -184,3 +184,21 @@ def tokenize(adapter: BaseClipAdapter, texts: list[str]) -> torch.Tensor:
     from open_clip.tokenizer import tokenize as bpe_tokenize
 
     return bpe_tokenize(texts, context_length=adapter.max_text_len)
+
+
+def cut_off_words(text: str, context_length: int) -> str | None:
+    """The end of `text` that CLIP's `context_length` tokens leave out, or None if it fits."""
+    from open_clip.tokenizer import _tokenizer
+
+    room = context_length - 2  # start and end of text take a token each
+    if len(_tokenizer.encode(text)) <= room:
+        return None
+    words = text.split()
+    low, high = 0, len(words)  # bisect for the most whole words that fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if len(_tokenizer.encode(" ".join(words[:middle]))) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[low:])

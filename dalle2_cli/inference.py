@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle2_cli.clip import tokenize
+from dalle2_cli.clip import cut_off_words, tokenize
 from dalle2_cli.errors import InputError
-from dalle2_cli.images import center_square, resize_mask, to_pil, to_tensor
+from dalle2_cli.images import fit_mask, fit_square, to_pil, to_tensor
 from dalle2_cli.manager import DalleModelManager
+from dalle2_cli.noise import per_image_noise
+from dalle2_cli.progress import NoProgress
+from dalle2_cli.prompts import Prompt
 
 
 @dataclass
@@ -35,13 +38,14 @@ class SamplingSettings:
     decoder_cond_scale: list[float] | None = None
     batch_size: int = 4
     num_samples_per_batch: int = 2  # prior embeddings drawn per image; CLIP keeps the best
-    seed: int | None = None
+    seed: int | None = None  # image k of each input gets seed + k
+    pad: bool = False  # non-square input images: padded with white to a square, not center-cropped
 
 
 @dataclass
 class GeneratedImage:
     image: Image.Image
-    seed: int
+    seed: int  # this image's own: a run with this seed and one image makes it again
     index: int  # which of the images made from the same input
     prompt: str | None = None
     source: str | None = None  # the input image, for variations and inpainting
@@ -60,15 +64,22 @@ def _per_unet(values: Sequence | None, count: int, what: str) -> list | None:
 
 
 class InferenceScript:
-    def __init__(self, model_manager: DalleModelManager, settings: SamplingSettings | None = None):
+    def __init__(
+        self,
+        model_manager: DalleModelManager,
+        settings: SamplingSettings | None = None,
+        progress: NoProgress | None = None,
+    ):
         self.models = model_manager
         self.settings = settings or SamplingSettings()
+        self.progress = progress or NoProgress()  # dalle2_cli.progress.StageProgress shows bars
         if self.settings.batch_size < 1:
             raise InputError("batch size must be at least 1")
         if self.settings.num_samples_per_batch < 1:
             raise InputError("the prior needs at least 1 sample per image to rank")
         self.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
         self._record: dict[str, Any] = {}  # the settings in effect, filled by _start
+        self._warned: set[str] = set()  # prompts already found too long
 
     @property
     def device(self) -> torch.device:
@@ -129,20 +140,32 @@ class InferenceScript:
     # -- CLIP ------------------------------------------------------------------------------
 
     def _tokens(self, texts: Sequence[str]) -> torch.Tensor:
-        return tokenize(self.models.clip, list(texts)).to(self.device)
+        clip = self.models.clip
+        for text in dict.fromkeys(texts):
+            if text in self._warned:
+                continue
+            self._warned.add(text)  # once per prompt, though the prior and decoder both read it
+            cut = cut_off_words(text, clip.max_text_len)
+            if cut:
+                self.models.log(
+                    f"warning: the prompt is longer than CLIP's {clip.max_text_len} tokens; left out: {cut!r}"
+                )
+        return tokenize(clip, list(texts)).to(self.device)
 
     def _text_encodings(self, text_or_tokens: Sequence[str] | torch.Tensor) -> torch.Tensor:
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
-        with self._precision():
+        with self._precision(), self.models.using(self.models.clip):
             _, encodings = self.models.clip.embed_text(tokens.to(self.device))
         return encodings.float()
 
     @torch.inference_mode()
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
         clip = self.models.clip
-        batch = torch.stack([to_tensor(center_square(img, clip.image_size)) for img in images])
-        with self._precision():
+        batch = torch.stack([to_tensor(fit_square(img, clip.image_size, self.settings.pad)) for img in images])
+        self.progress.stage("CLIP", 1)
+        with self._precision(), self.models.using(clip):
             embeds, _ = clip.embed_image(batch.to(self.device))
+        self.progress.advance("CLIP")
         return embeds.float()
 
     # -- the two sampling loops, with dalle2-laion's arguments -------------------------------
@@ -156,17 +179,25 @@ class InferenceScript:
         batch_size: int = 100,
         num_samples_per_batch: int = 2,
         timesteps: int | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> dict[int, list[torch.Tensor]]:
-        """CLIP image embeddings for each text: {text index: [sample_count embeddings]}."""
+        """CLIP image embeddings for each text: {text index: [sample_count embeddings]}.
+
+        `seeds` has one seed per embedding, text by text; by default embedding k of each text
+        has the script's seed + k."""
         steps, default_scale = self.prior_settings()
         timesteps = timesteps or steps
         cond_scale = default_scale if cond_scale is None else cond_scale
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
         jobs = [index for index in range(tokens.shape[0]) for _ in range(sample_count)]
+        seeds = self._job_seeds(seeds, len(jobs), sample_count)
         results: dict[int, list[torch.Tensor]] = {index: [] for index in range(tokens.shape[0])}
+        self.progress.stage("prior", timesteps, loops=-(-len(jobs) // batch_size))
+        prior = self.models.prior
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
-            with self._precision():
+            noise = per_image_noise(seeds[start : start + batch_size], "prior")
+            with self._precision(), noise, self.progress.loops(["prior"]), self.models.using(prior):
                 embeds = self.models.prior.sample(
                     tokens[chunk].to(self.device),
                     num_samples_per_batch=num_samples_per_batch,
@@ -190,8 +221,12 @@ class InferenceScript:
         sample_count: int = 1,
         batch_size: int = 10,
         timesteps: list[int] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> dict[int, list[Image.Image]]:
         """Images for each input: {input index: [sample_count images]}.
+
+        `seeds` has one seed per image, input by input; by default image k of each input has
+        the script's seed + k.
 
         Give exactly one of `images` (variations of them) and `image_embed`. `inpaint_image_masks`
         are True where the image is to be regenerated; the rest of each output equals the
@@ -226,14 +261,19 @@ class InferenceScript:
         if inpaint_images is not None:
             if inpaint_image_masks is None or len(inpaint_image_masks) != len(inpaint_images):
                 raise ValueError("give one mask per inpaint image")
-            keep_images = torch.stack([to_tensor(center_square(img, size)) for img in inpaint_images])
-            regenerate = [resize_mask(np.asarray(m, dtype=bool), size) for m in inpaint_image_masks]
+            pad = self.settings.pad
+            keep_images = torch.stack([to_tensor(fit_square(img, size, pad)) for img in inpaint_images])
+            regenerate = [fit_mask(np.asarray(m, dtype=bool), size, pad) for m in inpaint_image_masks]
             keep_masks = torch.from_numpy(~np.stack(regenerate))  # dalle2-pytorch: True = keep
 
         jobs = [index for index in range(count) for _ in range(sample_count)]
+        seeds = self._job_seeds(seeds, len(jobs), sample_count)
         results: dict[int, list[Image.Image]] = {index: [] for index in range(count)}
         saved_steps = decoder.sample_timesteps
         decoder.sample_timesteps = tuple(timesteps)
+        bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
+        for bar, steps_of_unet in zip(bars, timesteps, strict=True):
+            self.progress.stage(bar, steps_of_unet, loops=-(-len(jobs) // batch_size))
         try:
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
@@ -243,7 +283,8 @@ class InferenceScript:
                 if keep_images is not None:
                     extra["inpaint_image"] = keep_images[chunk].to(self.device)
                     extra["inpaint_mask"] = keep_masks[chunk].to(self.device)
-                with self._precision():
+                noise = per_image_noise(seeds[start : start + batch_size], "decoder")
+                with self._precision(), noise, self.progress.loops(bars), self.models.using(decoder):
                     out = decoder.sample(image_embed=embeds[chunk].to(self.device), cond_scale=tuple(scales), **extra)
                 if keep_images is not None:  # exact pixels outside the mask, whatever the rounding
                     keep = keep_masks[chunk].unsqueeze(1).to(out.device)
@@ -254,12 +295,31 @@ class InferenceScript:
             decoder.sample_timesteps = saved_steps
         return results
 
+    def _job_seeds(self, seeds: Sequence[int] | None, count: int, per_input: int) -> list[int]:
+        if seeds is None:
+            return [self.seed + position % per_input for position in range(count)]
+        if len(seeds) != count:
+            raise ValueError(f"give one seed per image: {count}, not {len(seeds)}")
+        return list(seeds)
+
     def _records(
-        self, results: dict[int, list[Image.Image]], prompts: Sequence[str | None], sources: Sequence[str | None]
+        self,
+        results: dict[int, list[Image.Image]],
+        prompts: Sequence[str | None],
+        sources: Sequence[str | None],
+        seeds: dict[int, list[int]] | None = None,
     ) -> list[GeneratedImage]:
+        """`seeds`: each image's seed, as `results` holds the images; by default seed + k."""
         settings = dict(self._record)
         return [
-            GeneratedImage(image, self.seed, position, prompts[index], sources[index], settings)
+            GeneratedImage(
+                image,
+                seeds[index][position] if seeds else self.seed + position,
+                position,
+                prompts[index],
+                sources[index],
+                settings,
+            )
             for index, images in results.items()
             for position, image in enumerate(images)
         ]
@@ -279,22 +339,35 @@ def _check_count(num_images: int) -> None:
 class TextToImage(InferenceScript):
     """Prompts -> prior -> decoder."""
 
-    def run(self, prompts: Sequence[str], num_images: int = 1) -> list[GeneratedImage]:
+    def run(self, prompts: Sequence[str | Prompt], num_images: int = 1) -> list[GeneratedImage]:
+        """`num_images` per prompt, image k with the seed + k; a `Prompt` may set its own."""
         _check_count(num_images)
-        prompts = list(prompts)
-        if not prompts or any(not p.strip() for p in prompts):
+        requests = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+        if not requests or any(not r.text.strip() for r in requests):
             raise InputError("a prompt is empty: describe the image to make")
+        counts = [num_images if r.num_images is None else r.num_images for r in requests]
+        for count in counts:
+            _check_count(count)
         self._start(uses_prior=True)
         s = self.settings
+        texts: list[str] = []
+        seeds: dict[int, list[int]] = {}
+        for i, (request, count) in enumerate(zip(requests, counts, strict=True)):
+            base = self.seed if request.seed is None else request.seed
+            seeds[i] = [base + k for k in range(count)]
+            texts += [request.text] * count
+        flat_seeds = [seed for i in range(len(requests)) for seed in seeds[i]]
+        # One prior input per image, so that each prompt may ask for its own count.
         embeds = self._sample_prior(
-            prompts, sample_count=num_images, batch_size=s.batch_size, num_samples_per_batch=s.num_samples_per_batch
+            texts, batch_size=s.batch_size, num_samples_per_batch=s.num_samples_per_batch, seeds=flat_seeds
         )
-        flat = [embed for index in range(len(prompts)) for embed in embeds[index]]
-        texts = [prompt for prompt in prompts for _ in range(num_images)]
-        images = self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size)
-        # One decoder input per (prompt, image): regroup by prompt.
-        by_prompt = {i: [images[i * num_images + k][0] for k in range(num_images)] for i in range(len(prompts))}
-        return self._records(by_prompt, prompts, [None] * len(prompts))
+        flat = [embeds[j][0] for j in range(len(texts))]
+        images = self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size, seeds=flat_seeds)
+        by_prompt, start = {}, 0
+        for i, count in enumerate(counts):  # one decoder input per image: regroup by prompt
+            by_prompt[i] = [images[start + k][0] for k in range(count)]
+            start += count
+        return self._records(by_prompt, [r.text for r in requests], [None] * len(requests), seeds)
 
 
 class ImageVariation(InferenceScript):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,15 +40,20 @@ class DalleModelManager:
         prefer_ema: bool = True,
         strict: bool | None = None,
         dtype: torch.dtype = torch.float32,
+        keep_resident: bool = False,
     ):
         """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
         `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
-        (sampling then runs under autocast, see InferenceScript)."""
+        (sampling then runs under autocast, see InferenceScript); `keep_resident`: keep every
+        model on an accelerator device, instead of only the stage that runs (see `using`)."""
         self.config = config
         self.dtype = dtype
         self.prefer_ema = prefer_ema
         self.strict = config.strict_loading if strict is None else strict
         self.device = resolve_device(device or config.device)
+        # On an accelerator, models wait in host memory and only the running stage's sits on
+        # the device, as dalle2-laion did: a 1.5B decoder and a prior need not fit together.
+        self.offload = self.device.type != "cpu" and not keep_resident
         self.resolve = resolve
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
@@ -192,11 +198,27 @@ class DalleModelManager:
     def _placed(self, model: M) -> M:
         """On the device, in eval mode, with parameters in the chosen precision; buffers (noise
         schedules, masks) stay as they are, since sampling arithmetic needs their precision."""
-        model = model.to(self.device).eval()
+        model = model.to("cpu" if self.offload else self.device).eval()
         if self.dtype != torch.float32:
             for parameter in model.parameters():
                 parameter.data = parameter.data.to(self.dtype)
         return model
+
+    @contextlib.contextmanager
+    def using(self, *models: torch.nn.Module) -> Iterator[None]:
+        """`models` on the device for this block; when offloading, back in host memory after."""
+        if not self.offload:
+            yield
+            return
+        for model in models:
+            model.to(self.device)
+        try:
+            yield
+        finally:
+            for model in models:
+                model.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _warn(self, warnings: list[str]) -> None:
         for message in warnings:

@@ -32,7 +32,7 @@ def test_same_seed_same_images_and_another_seed_others(manager):
         ("a blue square", 0),
         ("a blue square", 1),
     ]
-    assert all(g.image.size == (32, 32) and g.seed == 5 for g in first)
+    assert all(g.image.size == (32, 32) and g.seed == 5 + g.index for g in first)  # each image its own seed
     assert all(np.array_equal(a, b) for a, b in zip(pixels(first), pixels(again), strict=True))
     assert not any(np.array_equal(a, b) for a, b in zip(pixels(first), pixels(other), strict=True))
 
