@@ -6,6 +6,7 @@ Torch and the models are imported inside the commands, never at module level, so
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -79,7 +80,66 @@ DecoderScaleOpt = Annotated[
     typer.Option("--decoder-cond-scale", help="Decoder guidance scale: one value, or comma-separated per unet."),
 ]
 DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+ResidentOpt = Annotated[
+    bool,
+    typer.Option(
+        "--keep-resident", help="Keep every model on the GPU (faster when it fits) instead of only the running stage."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the images on stdout.")]
+NameOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--name",
+        help="File name template; fields {prompt} {seed} {index} {source} {command}. "
+        "Default: {prompt}-{seed} ({prompt}-{seed}-{index} for frames).",
+    ),
+]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Replace files of the same name (otherwise new names are found).")
+]
+GridOpt = Annotated[bool, typer.Option("--grid", help="Also save a contact sheet of all the images (grid.png).")]
+GridRowsOpt = Annotated[
+    int | None, typer.Option("--grid-rows", help="Rows in the --grid sheet (default: one per prompt or input).")
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars (they also hide when not a terminal).")]
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputChoice:
+    """Where and how a generating command writes and reports its images."""
+
+    directory: Path
+    name: str | None = None  # None: dalle2_cli.output.DEFAULT_NAME
+    overwrite: bool = False
+    grid: bool = False
+    grid_rows: int | None = None
+    json: bool = False
+    quiet: bool = False
+
+
+def _output_choice(
+    directory: Path,
+    name: str | None,
+    overwrite: bool,
+    grid: bool,
+    grid_rows: int | None,
+    json_out: bool,
+    quiet: bool,
+) -> OutputChoice:
+    from dalle2_cli.output import check_name_template
+
+    if name is not None:
+        check_name_template(name)
+    if grid_rows is not None and grid_rows < 1:
+        raise InputError(f"--grid-rows must be at least 1, got {grid_rows}")
+    return OutputChoice(directory, name, overwrite, grid or grid_rows is not None, grid_rows, json_out, quiet)
+
+
+PadOpt = Annotated[
+    bool,
+    typer.Option("--pad", help="Fit a non-square image whole, padded with white, instead of center-cropping it."),
+]
 
 
 class Weights(StrEnum):
@@ -153,12 +213,15 @@ def _config_name(config: str | None) -> str:
 
 
 def _output_dir(path: Path) -> Path:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"output directory {path} is a file: pass another --output-dir")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise InputError(f"cannot create output directory {path}: {error.strerror}") from None
+        reason = error.strerror or error
+        raise InputError(f"cannot create output directory {path}: {reason}; pass another --output-dir") from None
     if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"output directory {path} is not writable")
+        raise InputError(f"output directory {path} is not writable: pass another --output-dir, or fix its permissions")
     return path
 
 
@@ -166,77 +229,96 @@ def _generate(
     command: str,
     config: str | None,
     load: dict[str, Any],
-    out: Path,
-    json_out: bool,
+    output: OutputChoice,
     settings: dict[str, Any],
     script: str,
     run: Callable[[Any], list],
+    after: Callable[[list, Path], dict[str, Any]] | None = None,
 ) -> None:
     """Shared by the generating commands: build the inference `script` (a class of
-    dalle2_cli.inference), `run` it, save the images, report."""
+    dalle2_cli.inference, or "manipulate.Name" for one of dalle2_cli.manipulate), `run` it,
+    save the images, report. `after(generated, directory)` writes what else the command makes
+    once the images are saved, and returns its entries for the report."""
     from dalle2_cli.config import load_config
 
     # Check what is cheap to check before the (slow) torch import.
     name = _config_name(config)
     model_config = load_config(name)
-    directory = _output_dir(out)
+    directory = _output_dir(output.directory)
 
     from dalle2_cli import inference
-    from dalle2_cli.files import resolve_file
+
+    load = _with_torch_dtype(load)
+    from dalle2_cli.files import model_file_sha256, resolve_file
     from dalle2_cli.manager import DalleModelManager
-    from dalle2_cli.output import save_png, slug, unique_path
+    from dalle2_cli.output import DEFAULT_NAME, write_grid, write_images
+    from dalle2_cli.progress import NoProgress, StageProgress
 
     # The config's name goes into messages about files missing offline (how to fetch them).
     resolve = functools.partial(resolve_file, config_name=name)
     manager = DalleModelManager(model_config, resolve=resolve, **load)
-    script_class = getattr(inference, script)
-    generated = run(script_class(manager, inference.SamplingSettings(**settings)))
+    module_name, _, class_name = script.rpartition(".")
+    if module_name:
+        import importlib
 
-    taken: set[Path] = set()
-    records = []
-    for item in generated:
-        stem = f"{slug(item.prompt or Path(item.source or command).stem)}-{item.seed}-{item.index}"
-        path = unique_path(directory, stem, taken)
-        record = inference.as_record(item)
-        used = record.pop("settings")
-        metadata = {
-            **record,
-            **used,
-            "command": command,
-            "config": str(model_config.source_path),
-            "model_files": {role: str(p) for role, p in manager.files.items()},
-            "tool": f"dalle2-cli {__version__}",
-        }
-        save_png(item.image, path, metadata)
-        records.append(
-            {
-                "path": str(path),
-                "prompt": item.prompt,
-                "seed": item.seed,
-                "width": item.image.width,
-                "height": item.image.height,
-                "index": item.index,
-                "source": item.source,
-                "settings": item.settings,
-            }
-        )
+        script_class = getattr(importlib.import_module(f"dalle2_cli.{module_name}"), class_name)
+    else:
+        script_class = getattr(inference, script)
+    with StageProgress() if not output.quiet and sys.stderr.isatty() else NoProgress() as bars:
+        generated = run(script_class(manager, inference.SamplingSettings(**settings), progress=bars))
+
+    common = {
+        "command": command,
+        "config": name,
+        "config_path": str(model_config.source_path),
+        "model_files": {role: str(path) for role, path in manager.files.items()},
+        "model_sha256": {role: model_file_sha256(path) for role, path in manager.files.items()},
+        "tool": f"dalle2-cli {__version__}",
+    }
+    records = write_images(generated, directory, common, output.name or DEFAULT_NAME, output.overwrite)
+    report: dict[str, Any] = {"images": records, "config": name, "device": str(manager.device)}
     _say(f"saved {len(records)} image(s) to {directory}")
     for record in records:
         _say(f"  {record['path']}")
-    if json_out:
-        print(json.dumps({"images": records, "config": name, "device": str(manager.device)}))
+    if output.grid:
+        groups: list[list[Any]] = []
+        for item in generated:  # a new row where a new prompt's (or input's) images start
+            if item.index == 0 or not groups:
+                groups.append([])
+            groups[-1].append(item.image)
+        grid = write_grid(groups, directory, [r["path"] for r in records], output.grid_rows, output.overwrite)
+        report["grid"] = str(grid)
+        _say(f"  {grid} (grid)")
+    if after is not None:
+        report.update(after(generated, directory))
+    if output.json:
+        print(json.dumps(report))
 
 
-def _load_options(device: str | None, weights: Weights, non_strict: bool, dtype: Precision) -> dict[str, Any]:
-    import torch
-
-    dtypes = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+def _load_options(
+    device: str | None, weights: Weights, non_strict: bool, dtype: Precision, keep_resident: bool = False
+) -> dict[str, Any]:
+    # The dtype stays a name here: importing torch (seconds) waits until the config and the
+    # output directory passed their checks (see _with_torch_dtype).
     return {
         "device": device,
         "prefer_ema": weights == Weights.ema,
         "strict": False if non_strict else None,
-        "dtype": dtypes[dtype],
+        "dtype": dtype,
+        "keep_resident": keep_resident,
     }
+
+
+def _with_torch_dtype(load: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    dtypes = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
+    return {**load, "dtype": dtypes[load["dtype"]]}
+
+
+def _joined(values: list | None) -> str | None:
+    """A recorded per-unet list as the comma-separated option text."""
+    return ",".join(str(v) for v in values) if values else None
 
 
 def _settings(
@@ -254,6 +336,10 @@ def _settings(
         raise InputError(f"--batch-size must be at least 1, got {batch}")
     if prior_steps is not None and prior_steps < 1:
         raise InputError(f"--prior-steps must be positive, got {prior_steps}")
+    if seed is not None:
+        from dalle2_cli.prompts import check_seed
+
+        check_seed(seed)
     return dict(
         seed=seed,
         batch_size=batch,
@@ -266,30 +352,79 @@ def _settings(
 
 @app.command()
 def text2im(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts.")],
+    prompts: Annotated[list[str] | None, typer.Argument(help="One or more prompts.", show_default=False)] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts-file",
+            help='Prompts, one per line; or a JSON list; or JSON lines {"prompt": ..., "n": ..., "seed": ...}. '
+            "- reads stdin.",
+        ),
+    ] = None,
+    from_image: Annotated[
+        Path | None,
+        typer.Option("--from", help="Re-run an image made by text2im: its prompt, seed, steps, scales and config."),
+    ] = None,
+    rerank: Annotated[
+        int | None,
+        typer.Option(
+            "--rerank",
+            metavar="K",
+            help="Make K candidates per image and keep the one CLIP finds closest to the prompt (scores printed).",
+        ),
+    ] = None,
     config: ConfigOpt = None,
     num_images: NumOpt = 1,
     seed: SeedOpt = None,
     output_dir: OutOpt = Path("outputs"),
+    name: NameOpt = None,
+    overwrite: OverwriteOpt = False,
+    grid: GridOpt = False,
+    grid_rows: GridRowsOpt = None,
     batch_size: BatchOpt = 4,
     prior_steps: PriorStepsOpt = None,
     decoder_steps: DecoderStepsOpt = None,
     prior_cond_scale: PriorScaleOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    keep_resident: ResidentOpt = False,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
     offline: OfflineOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Make images from text prompts."""
 
     def body() -> None:
+        nonlocal config, seed, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
+        from dalle2_cli.prompts import Prompt, read_prompts
+
         _go_offline(offline)
-        if any(not p.strip() for p in prompts):
+        if any(not p.strip() for p in prompts or []):
             raise InputError("a prompt is empty: describe the image to make")
+        requests = [Prompt(p) for p in prompts or []]
+        if prompts_file is not None:
+            requests += read_prompts(prompts_file)
+        if from_image is not None:
+            from dalle2_cli.output import recorded_run
+
+            recorded = recorded_run(from_image)  # what the command line leaves unset comes from it
+            requests = requests or [Prompt(recorded["prompt"])]
+            seed = recorded.get("seed") if seed is None else seed
+            prior_steps = prior_steps or recorded.get("prior_steps")
+            prior_cond_scale = recorded.get("prior_cond_scale") if prior_cond_scale is None else prior_cond_scale
+            decoder_steps = decoder_steps or _joined(recorded.get("decoder_steps"))
+            decoder_cond_scale = decoder_cond_scale or _joined(recorded.get("decoder_cond_scale"))
+            if config is None and not os.environ.get(CONFIG_ENV):
+                recorded_path = Path(recorded.get("config_path") or "")
+                config = str(recorded_path) if recorded_path.is_file() else recorded.get("config")
+        if not requests:
+            raise InputError("give a prompt, --prompts-file FILE, or --from IMAGE")
+        if rerank is not None and rerank < 1:
+            raise InputError(f"--rerank must be at least 1 candidate per image, got {rerank}")
         settings = _settings(
             num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
         )
@@ -297,12 +432,11 @@ def text2im(
         _generate(
             "text2im",
             config,
-            _load_options(device, weights, non_strict, dtype),
-            output_dir,
-            json_out,
+            _load_options(device, weights, non_strict, dtype, keep_resident),
+            _output_choice(output_dir, name, overwrite, grid, grid_rows, json_out, quiet),
             settings,
-            "TextToImage",
-            lambda script: script.run(prompts, num_images),
+            "TextToImage" if rerank is None else "manipulate.RerankedTextToImage",
+            _reranked(requests, num_images, rerank) if rerank else lambda script: script.run(requests, num_images),
         )
 
     _guard(debug, body)
@@ -316,31 +450,43 @@ def variation(
     num_images: NumOpt = 1,
     seed: SeedOpt = None,
     output_dir: OutOpt = Path("outputs"),
+    name: NameOpt = None,
+    overwrite: OverwriteOpt = False,
+    grid: GridOpt = False,
+    grid_rows: GridRowsOpt = None,
     batch_size: BatchOpt = 4,
     decoder_steps: DecoderStepsOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    keep_resident: ResidentOpt = False,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
     offline: OfflineOpt = False,
+    pad: PadOpt = False,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Make new images with the content and style of existing ones."""
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import open_image
+        from dalle2_cli.images import fit_note, open_image
 
+        if text is not None and not text.strip():
+            raise InputError("--text is empty: leave it out, or describe the image")
         settings = _settings(num_images, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
+        settings["pad"] = pad
         pictures = [open_image(path) for path in images]
+        for path, picture in zip(images, pictures, strict=True):
+            if note := fit_note(path, picture, pad):
+                _say(note)
         _generate(
             "variation",
             config,
-            _load_options(device, weights, non_strict, dtype),
-            output_dir,
-            json_out,
+            _load_options(device, weights, non_strict, dtype, keep_resident),
+            _output_choice(output_dir, name, overwrite, grid, grid_rows, json_out, quiet),
             settings,
             "ImageVariation",
             lambda script: script.run(pictures, num_images, text=text, sources=[str(p) for p in images]),
@@ -358,41 +504,271 @@ def inpaint(
     num_images: NumOpt = 1,
     seed: SeedOpt = None,
     output_dir: OutOpt = Path("outputs"),
+    name: NameOpt = None,
+    overwrite: OverwriteOpt = False,
+    grid: GridOpt = False,
+    grid_rows: GridRowsOpt = None,
     batch_size: BatchOpt = 4,
     prior_steps: PriorStepsOpt = None,
     decoder_steps: DecoderStepsOpt = None,
     prior_cond_scale: PriorScaleOpt = None,
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
+    keep_resident: ResidentOpt = False,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
     offline: OfflineOpt = False,
+    pad: PadOpt = False,
+    mask_grow: Annotated[
+        int, typer.Option("--mask-grow", metavar="PIXELS", help="Grow the area to regenerate by PIXELS all round.")
+    ] = 0,
     json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Regenerate the masked area of an image."""
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import open_image, open_mask
+        from dalle2_cli.images import fit_note, open_image, open_mask
 
         if prompt is not None and not prompt.strip():
             raise InputError("the prompt is empty: leave it out to fill from the image itself")
         settings = _settings(
             num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
         )
+        settings["pad"] = pad
         picture = open_image(image)
-        regenerate = open_mask(mask, picture.size)
+        regenerate = open_mask(mask, picture.size, grow=mask_grow, pad=pad)
+        if note := fit_note(image, picture, pad):
+            _say(note)
         _generate(
             "inpaint",
             config,
-            _load_options(device, weights, non_strict, dtype),
-            output_dir,
-            json_out,
+            _load_options(device, weights, non_strict, dtype, keep_resident),
+            _output_choice(output_dir, name, overwrite, grid, grid_rows, json_out, quiet),
             settings,
             "Inpainting",
             lambda script: script.run(picture, regenerate, prompt, num_images, source=str(image)),
+        )
+
+    _guard(debug, body)
+
+
+@app.command()
+def info(
+    image: Annotated[Path, typer.Argument(help="A PNG written by dalle2.")],
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Show the settings recorded in an image dalle2 made (re-run one with `text2im --from`)."""
+
+    def body() -> None:
+        from dalle2_cli.output import recorded_settings
+
+        metadata = recorded_settings(image)
+        if json_out:
+            print(json.dumps(metadata))
+            return
+        for key, value in metadata.items():
+            shown = value if isinstance(value, str) else json.dumps(value)
+            print(f"{key}: {shown}")
+
+    _guard(debug, body)
+
+
+def _reranked(requests: list, num_images: int, candidates: int) -> Callable[[Any], list]:
+    """text2im --rerank K: run dalle2_cli.manipulate.RerankedTextToImage, print each image's scores."""
+
+    def run(script: Any) -> list:
+        from dalle2_cli.manipulate import rerank_summary
+
+        made = script.run(requests, num_images, candidates=candidates)
+        for item in made:
+            _say(rerank_summary(item))
+        return made
+
+    return run
+
+
+class Animation(StrEnum):
+    gif = "gif"
+    webp = "webp"
+
+
+FRAME_NAME = "{prompt}-{seed}-{index}"  # every frame has the same seed: the index tells them apart
+FramesOpt = Annotated[int, typer.Option("--frames", help="Frames, both ends included (at least 2).")]
+AnimationOpt = Annotated[
+    list[Animation] | None,
+    typer.Option("--format", help="Animation file: gif or webp (lossless); repeat for both. Default: gif."),
+]
+DurationOpt = Annotated[int, typer.Option("--duration", metavar="MS", help="Milliseconds per animation frame.")]
+FrameTextOpt = Annotated[
+    str | None, typer.Option("--text", help="Text for text-conditioned decoders (every frame gets it).")
+]
+
+
+def _check_frames(frames: int, duration: int, formats: list[Animation] | None, text: str | None) -> list[Animation]:
+    if frames < 2:
+        raise InputError(f"--frames must be at least 2 (the two ends), got {frames}")
+    if duration < 1:
+        raise InputError(f"--duration must be at least 1 millisecond, got {duration}")
+    if text is not None and not text.strip():
+        raise InputError("--text is empty: leave it out, or describe the image")
+    chosen = list(dict.fromkeys(formats or [Animation.gif]))
+    if Animation.webp in chosen:
+        from PIL import features
+
+        if not features.check("webp"):
+            raise InputError("this Pillow was built without WebP support: use --format gif")
+    return chosen
+
+
+def _animations(command: str, formats: list[Animation], duration: int, overwrite: bool) -> Callable:
+    """`_generate`'s `after`: the saved frames as animations, named after the command and seed."""
+
+    def after(generated: list, directory: Path) -> dict[str, Any]:
+        from dalle2_cli.manipulate import animation_path, save_animation
+
+        frames = [item.image for item in generated]
+        paths = []
+        for fmt in formats:
+            path = animation_path(directory, f"{command}-{generated[0].seed}", fmt, overwrite)
+            save_animation(frames, path, fmt, duration)
+            _say(f"  {path} (animation)")
+            paths.append(str(path))
+        return {"animations": paths}
+
+    return after
+
+
+@app.command()
+def interpolate(
+    first: Annotated[Path, typer.Argument(help="The image at the start.")],
+    second: Annotated[Path, typer.Argument(help="The image at the end.")],
+    frames: FramesOpt = 8,
+    animation: AnimationOpt = None,
+    duration: DurationOpt = 250,
+    text: FrameTextOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    output_dir: OutOpt = Path("outputs"),
+    name: NameOpt = None,
+    overwrite: OverwriteOpt = False,
+    grid: GridOpt = False,
+    grid_rows: GridRowsOpt = None,
+    batch_size: BatchOpt = 4,
+    decoder_steps: DecoderStepsOpt = None,
+    decoder_cond_scale: DecoderScaleOpt = None,
+    device: DeviceOpt = None,
+    keep_resident: ResidentOpt = False,
+    weights: WeightsOpt = Weights.ema,
+    non_strict: NonStrictOpt = False,
+    dtype: DtypeOpt = Precision.fp32,
+    offline: OfflineOpt = False,
+    pad: PadOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Morph one image into another: slerp between their CLIP image embeddings, every frame
+    decoded with the same noise; saves the frames ({prompt}-{seed}-{index}.png unless --name)
+    and an animation."""
+
+    def body() -> None:
+        _go_offline(offline)
+        from dalle2_cli.images import fit_note, open_image
+
+        formats = _check_frames(frames, duration, animation, text)
+        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
+        settings["pad"] = pad
+        pictures = [open_image(path) for path in (first, second)]
+        for path, picture in zip((first, second), pictures, strict=True):
+            if note := fit_note(path, picture, pad):
+                _say(note)
+        _generate(
+            "interpolate",
+            config,
+            _load_options(device, weights, non_strict, dtype, keep_resident),
+            _output_choice(output_dir, name or FRAME_NAME, overwrite, grid, grid_rows, json_out, quiet),
+            settings,
+            "manipulate.Interpolation",
+            lambda script: script.run(*pictures, frames=frames, text=text, sources=(str(first), str(second))),
+            _animations("interpolate", formats, duration, overwrite),
+        )
+
+    _guard(debug, body)
+
+
+@app.command()
+def textdiff(
+    image: Annotated[Path, typer.Argument(help="The image to change.")],
+    from_text: Annotated[str, typer.Option("--from", help="A caption of the image as it is.")],
+    to_text: Annotated[str, typer.Option("--to", help="The same caption, changed as the image should change.")],
+    frames: FramesOpt = 6,
+    max_angle: Annotated[
+        float,
+        typer.Option(
+            "--max-angle",
+            help="How far the last frame goes: the fraction of the angle from the image embedding to the text "
+            "diff (θ in the DALL·E 2 paper, which uses 0.25-0.5; 1 decodes the diff alone).",
+        ),
+    ] = 0.5,
+    animation: AnimationOpt = None,
+    duration: DurationOpt = 250,
+    text: FrameTextOpt = None,
+    config: ConfigOpt = None,
+    seed: SeedOpt = None,
+    output_dir: OutOpt = Path("outputs"),
+    name: NameOpt = None,
+    overwrite: OverwriteOpt = False,
+    grid: GridOpt = False,
+    grid_rows: GridRowsOpt = None,
+    batch_size: BatchOpt = 4,
+    decoder_steps: DecoderStepsOpt = None,
+    decoder_cond_scale: DecoderScaleOpt = None,
+    device: DeviceOpt = None,
+    keep_resident: ResidentOpt = False,
+    weights: WeightsOpt = Weights.ema,
+    non_strict: NonStrictOpt = False,
+    dtype: DtypeOpt = Precision.fp32,
+    offline: OfflineOpt = False,
+    pad: PadOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Edit an image by a change of caption (the paper's text diff): move its CLIP image
+    embedding toward normalize(text(--to) - text(--from)); saves the frames
+    ({prompt}-{seed}-{index}.png unless --name) and an animation."""
+
+    def body() -> None:
+        _go_offline(offline)
+        from dalle2_cli.images import fit_note, open_image
+
+        formats = _check_frames(frames, duration, animation, text)
+        for option, caption in (("--from", from_text), ("--to", to_text)):
+            if not caption.strip():
+                raise InputError(f"{option} is empty: describe the image before and after the change")
+        if not 0 < max_angle <= 1:
+            raise InputError(f"--max-angle must be in (0, 1] (a fraction of the way to the text diff), got {max_angle}")
+        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
+        settings["pad"] = pad
+        picture = open_image(image)
+        if note := fit_note(image, picture, pad):
+            _say(note)
+        _generate(
+            "textdiff",
+            config,
+            _load_options(device, weights, non_strict, dtype, keep_resident),
+            _output_choice(output_dir, name or FRAME_NAME, overwrite, grid, grid_rows, json_out, quiet),
+            settings,
+            "manipulate.TextDiff",
+            lambda script: script.run(
+                picture, from_text, to_text, frames=frames, max_angle=max_angle, text=text, source=str(image)
+            ),
+            _animations("textdiff", formats, duration, overwrite),
         )
 
     _guard(debug, body)
@@ -482,9 +858,6 @@ def config_show(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
         print(loaded.model_dump_json(indent=2, exclude_none=True))
 
     _guard(debug, body)
-
-
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar (none is shown off a terminal).")]
 
 
 def _size(size: int) -> str:

@@ -617,3 +617,34 @@ def _record_sha256(path: Path, digest: str, stat_of: Path | None = None) -> None
     stat = (stat_of or path).stat()
     with atomic_path(sidecar_path(path)) as tmp:
         tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
+
+
+def model_file_sha256(path: Path) -> str:
+    """The sha256 of a model file, for image metadata, re-hashed only when the file changed:
+    a download's record, a hub blob's own name, or a memo kept in the cache directory."""
+    recorded = _recorded_sha256(path)
+    if recorded is not None:
+        return recorded
+    from dalle2_cli.hub import expected_blob_digest
+
+    blob = expected_blob_digest(path)
+    if blob is not None and blob[0] == "sha256":
+        return blob[1]
+    resolved = path.resolve()
+    memo = default_cache_dir() / ".checksums" / hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
+    try:
+        digest, size, mtime = memo.read_text().split()
+        stat = resolved.stat()
+        if int(size) == stat.st_size and int(mtime) == stat.st_mtime_ns:
+            return digest
+    except (OSError, ValueError):
+        pass
+    digest = sha256_of(resolved)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        stat = resolved.stat()
+        with atomic_path(memo) as tmp:
+            tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
+    except OSError:
+        pass  # a read-only cache only costs a re-hash next time
+    return digest

@@ -16,11 +16,14 @@ def edit_config(source: Path, target: Path, edit) -> Path:
     return target
 
 
-def run_cli(*args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None):
-    """The real `dalle2` command in a subprocess."""
+def run_cli(
+    *args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None, input: str | None = None
+):
+    """The real `dalle2` command in a subprocess (`input`: its standard input)."""
     result = subprocess.run(
         [sys.executable, "-m", "dalle2_cli", *args],
         cwd=cwd,
+        input=input,
         capture_output=True,
         text=True,
         timeout=300,

@@ -35,9 +35,9 @@ def test_text2im_writes_pngs_with_metadata_and_reproduces_by_seed(tiny_config, t
     ]
     for item in first:
         path = tmp_path / item["path"]
-        assert path.is_file() and item["seed"] == 11 and (item["width"], item["height"]) == (32, 32)
+        assert path.is_file() and item["seed"] == 11 + item["index"] and (item["width"], item["height"]) == (32, 32)
         metadata = read_metadata(path)
-        assert metadata["prompt"] == item["prompt"] and metadata["seed"] == 11
+        assert metadata["prompt"] == item["prompt"] and metadata["seed"] == item["seed"]
         assert metadata["command"] == "text2im" and metadata["decoder_steps"] == [10, 10]
         assert metadata["model_files"]["prior"].endswith("prior.pth")
     again = generate(

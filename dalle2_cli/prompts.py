@@ -1,0 +1,102 @@
+"""Prompts from a file: one per line, a JSON list, or JSON lines with per-prompt settings.
+
+    a red circle                        # .txt (or anything else): one prompt per line
+    ["a red circle", "a blue square"]   # a JSON list of prompts (or of objects as below)
+    {"prompt": "a red circle", "n": 4, "seed": 7}   # JSON lines: one object per line
+
+`-` reads standard input, whose format is told by its first character.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dalle2_cli.errors import InputError
+
+FIELDS = {"prompt", "n", "seed"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt with its own image count and seed (as a prompts file may give them)."""
+
+    text: str
+    num_images: int | None = None  # None: the run's -n
+    seed: int | None = None  # None: the run's --seed
+
+
+def read_prompts(source: str) -> list[Prompt]:
+    """The prompts in file `source` (`-` for standard input), checked."""
+    if source == "-":
+        text, name = sys.stdin.read(), "standard input"
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise InputError(f"prompts file not found: {path}")
+        if path.is_dir():
+            raise InputError(f"prompts file {path} is a directory")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise InputError(f"cannot read prompts file {path}: {error}") from None
+        name = str(path)
+    prompts = parse_prompts(text, name)
+    if not prompts:
+        raise InputError(f"{name} holds no prompts: write one per line")
+    return prompts
+
+
+def parse_prompts(text: str, name: str = "prompts") -> list[Prompt]:
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{name} is not valid JSON: {error}") from None
+        if not isinstance(items, list):
+            raise InputError(f"{name} must hold a JSON list of prompts")
+        return [_prompt(item, f"{name} item {number}") for number, item in enumerate(items, 1)]
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)]
+    lines = [(number, line) for number, line in lines if line]
+    if stripped.startswith("{"):
+        prompts = []
+        for number, line in lines:
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{name} line {number} is not a JSON object: {error}") from None
+            prompts.append(_prompt(item, f"{name} line {number}"))
+        return prompts
+    return [_prompt(line, f"{name} line {number}") for number, line in lines]
+
+
+def _prompt(item: Any, where: str) -> Prompt:
+    if isinstance(item, str):
+        item = {"prompt": item}
+    if not isinstance(item, dict):
+        raise InputError(f'{where}: expected a prompt or an object with a "prompt", got {item!r}')
+    unknown = set(item) - FIELDS
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}; known: prompt, n, seed")
+    text = item.get("prompt")
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: the prompt is missing or empty")
+    count, seed = item.get("n"), item.get("seed")
+    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
+        raise InputError(f'{where}: "n" must be a whole number of at least 1, got {count!r}')
+    if seed is not None:
+        check_seed(seed, f'{where}: "seed"')
+    return Prompt(text.strip(), count, seed)
+
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(seed: Any, what: str = "--seed") -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{what} must be a whole number from 0 to 2**63-1, got {seed!r}")
+    return seed
