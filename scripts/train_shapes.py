@@ -39,6 +39,7 @@ from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
 from dalle2_cli.shapes import caption, random_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("clip", "prior", "decoder-base", "decoder-upsampler")
 EMBED = 64
 TEXT_LEN = 16
 TIMESTEPS = 1000
@@ -87,12 +88,22 @@ PLACEHOLDER_UNET = {
     "self_attn": False,
     "init_cross_embed": False,
 }  # unet 1 of the upsampler's file: never trained, never used
-BASE = {"unets": [BASE_UNET], "image_sizes": [32], "timesteps": TIMESTEPS, "image_cond_drop_prob": 0.1}
+# Both decoder unets predict the clean image rather than the noise: on this world of flat
+# palette colours that learns colour and background several times faster per step (measured:
+# after 400 steps, 69 % colour accuracy against 17 % for noise prediction).
+BASE = {
+    "unets": [BASE_UNET],
+    "image_sizes": [32],
+    "timesteps": TIMESTEPS,
+    "image_cond_drop_prob": 0.1,
+    "predict_x_start": True,
+}
 UPSAMPLER = {
     "unets": [PLACEHOLDER_UNET, UPSAMPLER_UNET],
     "image_sizes": [32, 64],
     "timesteps": TIMESTEPS,
     "random_crop_sizes": [None, 32],
+    "predict_x_start": [True, True],
 }
 
 
@@ -101,7 +112,7 @@ class Plan:
     pool: int = 20000  # distinct scenes drawn once; every batch is drawn from them
     clip_steps: int = 1000
     prior_steps: int = 4000
-    base_steps: int = 2500
+    base_steps: int = 3500
     upsampler_steps: int = 1500
     batch: int = 32
     clip_batch: int = 128
@@ -138,9 +149,10 @@ class Pool:
         self.image_embeds = torch.cat(chunks)
 
 
-def log(stage: str, step: int, total: int, loss: float, started: float) -> None:
+def log(stage: str, step: int, total: int, loss: float, started: float, first: int = 0) -> None:
+    """`first`: the step this process started at (a resumed run's ETA counts only its own steps)."""
     elapsed = time.time() - started
-    eta = elapsed / max(step, 1) * (total - step)
+    eta = elapsed / max(step - first, 1) * (total - step)
     print(f"[{stage}] step {step}/{total} loss {loss:.4f} ({elapsed:.0f}s, eta {eta:.0f}s)", flush=True)
 
 
@@ -246,7 +258,7 @@ def run_trainer(stage: Stage, trainer, steps: int, step_fn, resume: bool, unet_n
     for step in range(start, steps):
         loss = step_fn(stage.step_seed(step))
         if step % 50 == 0 or step == steps - 1:
-            log(stage.name, step + 1, steps, loss, started)
+            log(stage.name, step + 1, steps, loss, started, first=start)
         if stage.due():
             trainer.save(str(checkpoint))
             stage.last_save = time.time()
@@ -307,7 +319,15 @@ def train_decoder(
     torch.manual_seed(seed)
     decoder = DecoderConfig(**decoder_config).create()
     trainer = DecoderTrainer(
-        decoder, lr=4e-4, wd=1e-2, max_grad_norm=1.0, ema_beta=0.99, ema_update_after_step=50, ema_update_every=1
+        decoder,
+        lr=1e-3,
+        wd=1e-2,
+        warmup_steps=100,
+        cosine_decay_max_steps=steps,
+        max_grad_norm=1.0,
+        ema_beta=0.99,
+        ema_update_after_step=50,
+        ema_update_every=1,
     )
 
     def step(batch_seed: int) -> float:
@@ -328,6 +348,12 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--stages",
+        default=",".join(STAGES),
+        help="comma-separated stages to train (the decoders need CLIP trained first; two processes with "
+        "--resume may train the two decoders side by side)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -340,18 +366,26 @@ def main() -> None:
     print(f"plan: {plan}", flush=True)
     pool = Pool(plan.pool, args.seed)
     print(f"drew {plan.pool} scenes in {time.time() - started:.0f}s", flush=True)
-    model = train_clip(plan, pool, work, args.seed, args.resume)
-    save_file(
-        {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in model.state_dict().items()},
-        str(args.out / "clip.safetensors"),
-    )
+    stages = set(args.stages.split(","))
+    if stages - set(STAGES):
+        raise SystemExit(f"unknown stages {sorted(stages - set(STAGES))}; choose from {','.join(STAGES)}")
+    model = train_clip(plan, pool, work, args.seed, args.resume)  # the decoders need it too
+    if "clip" in stages:
+        weights = model.state_dict().items()
+        save_file(
+            {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights},
+            str(args.out / "clip.safetensors"),
+        )
     clip = clip_adapter(model)
     pool.embed_images(clip)
-    train_prior(plan, pool, work, args.seed, args.resume, clip, args.out)
-    train_decoder("decoder-base", BASE, 1, plan.base_steps, plan, pool, work, args.seed, args.resume, args.out)
-    train_decoder(
-        "decoder-upsampler", UPSAMPLER, 2, plan.upsampler_steps, plan, pool, work, args.seed, args.resume, args.out
-    )
+    if "prior" in stages:
+        train_prior(plan, pool, work, args.seed, args.resume, clip, args.out)
+    for name, config, unet, steps in (
+        ("decoder-base", BASE, 1, plan.base_steps),
+        ("decoder-upsampler", UPSAMPLER, 2, plan.upsampler_steps),
+    ):
+        if name in stages:
+            train_decoder(name, config, unet, steps, plan, pool, work, args.seed, args.resume, args.out)
     print(f"done in {time.time() - started:.0f}s; files in {args.out}", flush=True)
 
 

@@ -1,7 +1,9 @@
 """The shipped shapes model, as a new user runs it: no --config, offline, on CPU.
 
-Its quality is measured by scripts/eval_shapes.py (figures in the README), not asserted here:
-this early model does not yet reach the targets of its issue.
+Its quality over every caption is measured by scripts/eval_shapes.py (figures in the README);
+here one image per task is judged from its pixels by the same judge. The model has learned
+colours and backgrounds but not yet shapes: the shape check of a variation is expected to fail
+(strictly, so that it must be turned into a plain test once a model draws shapes).
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import PACKAGE_DIR, load_config
-from dalle2_cli.shapes import COLORS, Scene
+from dalle2_cli.shapes import COLORS, Scene, judge, nearest_color
 from tests.helpers import run_cli
 
 WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
@@ -43,12 +46,32 @@ def test_the_default_model_runs_offline_with_no_config(tmp_path):
     result = run_cli("text2im", "a red circle", "--seed", "0", "--json", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     image, output = only_image(result, tmp_path)
     assert image.size == (64, 64) and output["config"] == "shapes"
+    verdict = judge(image)
+    assert (verdict.color, verdict.shape, verdict.background) == ("red", "circle", "white"), verdict
 
 
-def test_variation_and_inpainting_with_the_default_model(tmp_path):
-    Scene("square", "blue", "yellow", 0.5, 0.45, 0.55).draw(64).save(tmp_path / "square.png")
-    image, _ = only_image(run_cli("variation", "square.png", "--seed", "0", "--json", cwd=tmp_path), tmp_path)
+@pytest.fixture(scope="module")
+def variation_of_a_square(tmp_path_factory) -> Image.Image:
+    cwd = tmp_path_factory.mktemp("variation")
+    Scene("square", "blue", "yellow", 0.5, 0.45, 0.55).draw(64).save(cwd / "square.png")
+    image, _ = only_image(run_cli("variation", "square.png", "--seed", "0", "--json", cwd=cwd), cwd)
     assert image.size == (64, 64)
+    return image
+
+
+def test_variation_keeps_colour_and_background(variation_of_a_square):
+    verdict = judge(variation_of_a_square)
+    assert (verdict.color, verdict.background) == ("blue", "yellow"), verdict
+
+
+@pytest.mark.xfail(
+    strict=True, reason="issue 3 is open: the shipped model draws blobs, not shapes yet (shape accuracy 33-36 %)"
+)
+def test_variation_keeps_shape(variation_of_a_square):
+    assert judge(variation_of_a_square).shape == "square"
+
+
+def test_inpainting_paints_the_colour_asked_for_and_keeps_the_rest(tmp_path):
     Image.new("RGB", (64, 64), COLORS["white"]).save(tmp_path / "plain.png")
     mask = np.zeros((64, 64), dtype=np.uint8)
     mask[:, 32:] = 255  # regenerate the right half
@@ -57,4 +80,7 @@ def test_variation_and_inpainting_with_the_default_model(tmp_path):
         run_cli("inpaint", "plain.png", "mask.png", "a green triangle", "--seed", "0", "--json", cwd=tmp_path),
         tmp_path,
     )
-    assert (np.asarray(image)[:, :32] == 255).all()  # the kept half is the input's white
+    pixels = np.asarray(image)
+    assert (pixels[:, :32] == 255).all()  # the kept half is the input's white
+    painted = [nearest_color(p) for p in pixels[:, 32:].reshape(-1, 3).astype(np.float64)]
+    assert painted.count("green") >= 0.03 * len(painted), {c: painted.count(c) for c in set(painted)}
