@@ -21,6 +21,7 @@ from PIL import Image
 
 from dalle2_cli.clip import cut_off_words, tokenize
 from dalle2_cli.errors import InputError
+from dalle2_cli.guidance import batched_guidance
 from dalle2_cli.images import fit_mask, fit_square, to_pil, to_tensor
 from dalle2_cli.manager import DalleModelManager
 from dalle2_cli.noise import per_image_noise
@@ -40,6 +41,9 @@ class SamplingSettings:
     num_samples_per_batch: int = 2  # prior embeddings drawn per image; CLIP keeps the best
     seed: int | None = None  # image k of each input gets seed + k
     pad: bool = False  # non-square input images: padded with white to a square, not center-cropped
+    # Guidance's conditional and null passes as one forward over a doubled batch (same images
+    # within float rounding, fewer kernel launches); False keeps two passes, half the activations.
+    batched_guidance: bool = True
 
 
 @dataclass
@@ -197,7 +201,8 @@ class InferenceScript:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start : start + batch_size]
             noise = per_image_noise(seeds[start : start + batch_size], "prior")
-            with self._precision(), noise, self.progress.loops(["prior"]), self.models.using(prior):
+            guidance = batched_guidance(self.settings.batched_guidance)
+            with self._precision(), noise, guidance, self.progress.loops(["prior"]), self.models.using(prior):
                 embeds = self.models.prior.sample(
                     tokens[chunk].to(self.device),
                     num_samples_per_batch=num_samples_per_batch,
@@ -284,7 +289,8 @@ class InferenceScript:
                     extra["inpaint_image"] = keep_images[chunk].to(self.device)
                     extra["inpaint_mask"] = keep_masks[chunk].to(self.device)
                 noise = per_image_noise(seeds[start : start + batch_size], "decoder")
-                with self._precision(), noise, self.progress.loops(bars), self.models.using(decoder):
+                guidance = batched_guidance(self.settings.batched_guidance)
+                with self._precision(), noise, guidance, self.progress.loops(bars), self.models.using(decoder):
                     out = decoder.sample(image_embed=embeds[chunk].to(self.device), cond_scale=tuple(scales), **extra)
                 if keep_images is not None:  # exact pixels outside the mask, whatever the rounding
                     keep = keep_masks[chunk].unsqueeze(1).to(out.device)
