@@ -11,7 +11,7 @@ import functools
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -329,6 +329,7 @@ def _settings(
     decoder_steps: str | None,
     prior_scale: float | None,
     decoder_scale: str | None,
+    pad: bool = False,
 ) -> dict[str, Any]:
     if num < 1:
         raise InputError(f"--num-images must be at least 1, got {num}")
@@ -347,7 +348,17 @@ def _settings(
         decoder_steps=_ints(decoder_steps),
         prior_cond_scale=prior_scale,
         decoder_cond_scale=_floats(decoder_scale),
+        pad=pad,
     )
+
+
+def _note_fits(paths: Sequence[Path], pictures: Sequence[Any], pad: bool) -> None:
+    """Say which inputs are not square, and so get center-cropped (or padded, with --pad)."""
+    from dalle2_cli.images import fit_note
+
+    for path, picture in zip(paths, pictures, strict=True):
+        if note := fit_note(path, picture, pad):
+            _say(note)
 
 
 @app.command()
@@ -472,16 +483,13 @@ def variation(
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import fit_note, open_image
+        from dalle2_cli.images import open_image
 
         if text is not None and not text.strip():
             raise InputError("--text is empty: leave it out, or describe the image")
-        settings = _settings(num_images, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
-        settings["pad"] = pad
+        settings = _settings(num_images, seed, batch_size, None, decoder_steps, None, decoder_cond_scale, pad)
         pictures = [open_image(path) for path in images]
-        for path, picture in zip(images, pictures, strict=True):
-            if note := fit_note(path, picture, pad):
-                _say(note)
+        _note_fits(images, pictures, pad)
         _generate(
             "variation",
             config,
@@ -531,18 +539,16 @@ def inpaint(
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import fit_note, open_image, open_mask
+        from dalle2_cli.images import open_image, open_mask
 
         if prompt is not None and not prompt.strip():
             raise InputError("the prompt is empty: leave it out to fill from the image itself")
         settings = _settings(
-            num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
+            num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale, pad
         )
-        settings["pad"] = pad
         picture = open_image(image)
         regenerate = open_mask(mask, picture.size, grow=mask_grow, pad=pad)
-        if note := fit_note(image, picture, pad):
-            _say(note)
+        _note_fits([image], [picture], pad)
         _generate(
             "inpaint",
             config,
@@ -678,15 +684,12 @@ def interpolate(
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import fit_note, open_image
+        from dalle2_cli.images import open_image
 
         formats = _check_frames(frames, duration, animation, text)
-        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
-        settings["pad"] = pad
+        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale, pad)
         pictures = [open_image(path) for path in (first, second)]
-        for path, picture in zip((first, second), pictures, strict=True):
-            if note := fit_note(path, picture, pad):
-                _say(note)
+        _note_fits((first, second), pictures, pad)
         _generate(
             "interpolate",
             config,
@@ -745,7 +748,7 @@ def textdiff(
 
     def body() -> None:
         _go_offline(offline)
-        from dalle2_cli.images import fit_note, open_image
+        from dalle2_cli.images import open_image
 
         formats = _check_frames(frames, duration, animation, text)
         for option, caption in (("--from", from_text), ("--to", to_text)):
@@ -753,11 +756,9 @@ def textdiff(
                 raise InputError(f"{option} is empty: describe the image before and after the change")
         if not 0 < max_angle <= 1:
             raise InputError(f"--max-angle must be in (0, 1] (a fraction of the way to the text diff), got {max_angle}")
-        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale)
-        settings["pad"] = pad
+        settings = _settings(1, seed, batch_size, None, decoder_steps, None, decoder_cond_scale, pad)
         picture = open_image(image)
-        if note := fit_note(image, picture, pad):
-            _say(note)
+        _note_fits([image], [picture], pad)
         _generate(
             "textdiff",
             config,

@@ -203,7 +203,7 @@ class InferenceScript:
             noise = per_image_noise(seeds[start : start + batch_size], "prior")
             guidance = batched_guidance(self.settings.batched_guidance)
             with self._precision(), noise, guidance, self.progress.loops(["prior"]), self.models.using(prior):
-                embeds = self.models.prior.sample(
+                embeds = prior.sample(
                     tokens[chunk].to(self.device),
                     num_samples_per_batch=num_samples_per_batch,
                     cond_scale=cond_scale,

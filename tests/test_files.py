@@ -50,6 +50,17 @@ def partials(tmp_path) -> list[str]:
     return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
+def cut_without_retries(server, tmp_path, monkeypatch, says: str | None = None, **file_fields) -> File:
+    """A download of BODY that the server cuts half-way, with retries off: it fails (with an
+    error matching `says`, if given) and leaves its partial file."""
+    server.serve("/m.pth", BODY, faults=["cut"])
+    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
+    file = url_file(server, "/m.pth", tmp_path, **file_fields)
+    with pytest.raises(Dalle2Error, match=says):
+        resolve_file(file)
+    return file
+
+
 def test_download_lands_in_cache_and_is_reused(server, tmp_path):
     server.serve("/m/decoder.pth", BODY)
     file = url_file(server, "/m/decoder.pth", tmp_path, sha256=DIGEST)
@@ -95,11 +106,7 @@ def test_resume_after_a_connection_reset(server, tmp_path):
 
 
 def test_an_interrupted_download_resumes_in_the_next_run(server, tmp_path, monkeypatch):
-    server.serve("/m.pth", BODY, faults=["cut"])
-    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
-    file = url_file(server, "/m.pth", tmp_path, sha256=DIGEST)
-    with pytest.raises(Dalle2Error, match="run the command again to resume"):
-        resolve_file(file)
+    file = cut_without_retries(server, tmp_path, monkeypatch, "run the command again to resume", sha256=DIGEST)
     assert cached(tmp_path) == []  # nothing under the final name
     assert partial_path(cache_path(file)).stat().st_size == len(BODY) // 2
     assert resolve_file(file).read_bytes() == BODY
@@ -107,11 +114,7 @@ def test_an_interrupted_download_resumes_in_the_next_run(server, tmp_path, monke
 
 
 def test_a_partial_file_of_an_older_version_is_not_spliced(server, tmp_path, monkeypatch):
-    server.serve("/m.pth", BODY, faults=["cut"])
-    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
-    file = url_file(server, "/m.pth", tmp_path)
-    with pytest.raises(Dalle2Error):
-        resolve_file(file)
+    file = cut_without_retries(server, tmp_path, monkeypatch)
     new_body = BODY[::-1]
     server.serve("/m.pth", new_body)  # the file changed upstream meanwhile
     assert resolve_file(file).read_bytes() == new_body
@@ -320,10 +323,6 @@ def test_missing_local_file_is_an_input_error(tmp_path):
 
 
 def test_resume_state_is_kept_beside_the_partial_file(server, tmp_path, monkeypatch):
-    server.serve("/m.pth", BODY, faults=["cut"])
-    monkeypatch.setenv("DALLE2_DOWNLOAD_RETRIES", "0")
-    file = url_file(server, "/m.pth", tmp_path)
-    with pytest.raises(Dalle2Error):
-        resolve_file(file)
+    file = cut_without_retries(server, tmp_path, monkeypatch)
     state = json.loads(Path(str(partial_path(cache_path(file))) + ".json").read_text())
     assert state["url"] == server.url("/m.pth") and state["validator"]
