@@ -17,6 +17,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes the file private (0600); the finished file gets the mode any new file
+        # would, so that images on a shared cluster are readable by whom the umask allows.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
