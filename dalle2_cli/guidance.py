@@ -38,24 +38,37 @@ def _double(value: Any, batch: int) -> tuple[Any, bool]:
     return torch.cat((value, value)), True
 
 
+# The batch of the guided forward in flight (innermost last), and dalle2-pytorch's own
+# `prob_mask_like`. One function stands in for it, the same object every step, so that a
+# torch.compile'd forward (`--compile`) keeps its compiled graph rather than recompiling
+# for a new function each step.
+_batches: list[int] = []
+_original_prob_mask_like: list[Callable[..., torch.Tensor]] = []
+
+
+def _first_half_kept(shape: tuple[int, ...], prob: float, device: torch.device) -> torch.Tensor:
+    batch = _batches[-1]
+    if tuple(shape) != (2 * batch,):
+        return _original_prob_mask_like[-1](shape, prob, device)
+    # Built on the device from arange: no host-to-device copy, no sync.
+    return torch.arange(2 * batch, device=device) < batch
+
+
 @contextlib.contextmanager
 def _keep_first_half(module: Any, batch: int) -> Iterator[None]:
     """`prob_mask_like` in dalle2-pytorch's module answers, for the doubled batch, a mask that
     keeps the conditions of the first `batch` samples and drops those of the rest: what the
     conditional pass (drop prob 0) and the null pass (drop prob 1) each got."""
     original = module.prob_mask_like
-
-    def halves(shape: tuple[int, ...], prob: float, device: torch.device) -> torch.Tensor:
-        if tuple(shape) != (2 * batch,):
-            return original(shape, prob, device)
-        # Built on the device from arange: no host-to-device copy, no sync.
-        return torch.arange(2 * batch, device=device) < batch
-
-    module.prob_mask_like = halves
+    _batches.append(batch)
+    _original_prob_mask_like.append(original if original is not _first_half_kept else _original_prob_mask_like[-1])
+    module.prob_mask_like = _first_half_kept
     try:
         yield
     finally:
         module.prob_mask_like = original
+        _batches.pop()
+        _original_prob_mask_like.pop()
 
 
 def _takes_no_condition(net: torch.nn.Module, kwargs: dict[str, Any]) -> bool:

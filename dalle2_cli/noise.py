@@ -32,7 +32,11 @@ class _SeededTorch:
         self._generators = generators
 
     def __getattr__(self, name: str):
-        return getattr(torch, name)
+        # Called only for names not found on the instance: look each up in torch once, then
+        # keep it here, so dalle2-pytorch's many `torch.X` per step cost a plain lookup.
+        value = getattr(torch, name)
+        self.__dict__[name] = value
+        return value
 
     def randn(self, *size, device=None, dtype=None, **_ignored) -> torch.Tensor:
         shape = tuple(size[0]) if len(size) == 1 and isinstance(size[0], tuple | list | torch.Size) else size
@@ -42,14 +46,21 @@ class _SeededTorch:
         return self._draw(tuple(like.shape), device or like.device, dtype or like.dtype)
 
     def _draw(self, shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        # Drawn on the CPU into one buffer, each image's rows from its own generator (the
+        # values `torch.randn` would give: it is `normal_` on a new tensor), no concatenation.
+        # For a CUDA device the buffer is pinned and copied without blocking: no host sync.
+        pinned = device.type == "cuda"
+        noise = torch.empty(shape, pin_memory=pinned)
         count = len(self._generators)
         if not shape or shape[0] % count:
             # Not laid out one block of rows per image: still reproducible, from the first seed.
-            noise = torch.randn(shape, generator=self._generators[0])
+            noise.normal_(generator=self._generators[0])
         else:
             rows = shape[0] // count  # the prior samples several candidates per image, side by side
-            noise = torch.cat([torch.randn((rows, *shape[1:]), generator=g) for g in self._generators])
-        return noise.to(device=device, dtype=dtype)
+            for block, generator in zip(noise.split(rows), self._generators, strict=True):
+                block.normal_(generator=generator)
+        return noise.to(device=device, dtype=dtype, non_blocking=pinned)
 
 
 @contextlib.contextmanager

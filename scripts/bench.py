@@ -1,7 +1,8 @@
 """Where the time goes: start-up, loading and each sampling stage against its compute floor.
 
     python scripts/bench.py [-c shapes] [--images 1,8] [--batch 8] [--prior-steps N]
-                            [--decoder-steps N ...] [--device cpu|cuda] [--direct] [--json]
+                            [--decoder-steps N ...] [--device cpu|cuda] [--dtype fp16]
+                            [--rounds 3] [--threads 1] [--direct] [--compile] [--json]
 
 - start-up: process start to `dalle2 --help` printed, against `python -c "import torch"`
   (median of --repeats subprocesses each, in this run); import time of the inference stack;
@@ -14,8 +15,15 @@
 - `--direct`: the same work through a minimal direct dalle2-pytorch script (the models loaded
   by our manager, then `DiffusionPrior.sample` and `Decoder.sample` with the same steps and
   scales), printed beside ours as ours / direct;
+- `--compile`: the same `text2im` with the networks torch.compile'd (`dalle2 text2im
+  --compile`), printed beside ours as ours / compiled, with the time its warm-up run took
+  (compiling included) and the largest pixel difference from ours (float rounding only);
 - peak RSS of this process, and peak GPU memory on CUDA.
 
+Every `-n N` is first run once unmeasured (each kind: kernels, allocator and caches warm at
+that batch), then measured --rounds times, ours, direct and compiled taking turns, each followed
+by its floor; the figures printed are the best of the rounds (the least disturbed by other
+work on the machine), the ratios those of the best times, and `--json` also has each round's.
 Timings on a shared or busy machine vary: compare ratios from one run, not across runs.
 """
 
@@ -37,6 +45,8 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+import numpy as np  # noqa: E402
 
 from dalle2_cli.progress import NoProgress  # noqa: E402  (rich only: no torch yet)
 
@@ -255,13 +265,14 @@ def _text2im(manager, settings, count: int, direct: bool, sync) -> dict[str, Any
                 decoder.sample_timesteps = saved
         else:
             script.progress = clock  # our scripts' loops(labels) hook, with a clock behind it
-            script.run([PROMPT], num_images=count)
+            made = script.run([PROMPT], num_images=count)
         sync()
         total = time.perf_counter() - started
     finally:
         clock.unwrap(clip, "embed_text")
         clip.__dict__.pop("embed_text", None)
         recorder.uninstall()
+    pixels = None if direct else [np.asarray(g.image, dtype=np.int16) for g in made]
     floors, redundant = _floor(recorder, clip_calls, script._precision, sync)
     stages = {}
     for label, stage in clock.stages.items():
@@ -277,6 +288,7 @@ def _text2im(manager, settings, count: int, direct: bool, sync) -> dict[str, Any
     floor_sum = sum(floors.values())
     return {
         "images": count,
+        "pixels": pixels,  # (dropped from the report)
         "seconds": total,
         "images_per_s": count / total,
         "floor_s": floor_sum,
@@ -293,6 +305,31 @@ def _text2im(manager, settings, count: int, direct: bool, sync) -> dict[str, Any
     }
 
 
+def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The best (least) time of each figure over the rounds, ratios recomputed from them."""
+    best = {key: value for key, value in runs[0].items() if key not in ("stages", "pixels")}
+    count = best["images"]
+    best["stages"] = {}
+    for label, first in runs[0]["stages"].items():
+        stage = dict(first)
+        stage["seconds"] = min(r["stages"][label]["seconds"] for r in runs)
+        floors = [r["stages"][label]["floor_s"] for r in runs]
+        stage["floor_s"] = min(floors) if all(floors) else None
+        stage["steps_per_s"] = stage["steps"] / stage["seconds"]
+        stage["images_per_s"] = count / stage["seconds"]
+        stage["over_floor"] = stage["seconds"] / stage["floor_s"] if stage["floor_s"] else None
+        best["stages"][label] = stage
+    best["seconds"] = min(r["seconds"] for r in runs)
+    best["floor_s"] = sum(stage["floor_s"] or 0.0 for stage in best["stages"].values())
+    best["images_per_s"] = count / best["seconds"]
+    best["floor_images_per_s"] = count / best["floor_s"] if best["floor_s"] else None
+    best["over_floor"] = best["seconds"] / best["floor_s"] if best["floor_s"] else None
+    best["rounds"] = len(runs)
+    best["seconds_each_round"] = [r["seconds"] for r in runs]
+    best["over_floor_each_round"] = [r["over_floor"] for r in runs]
+    return best
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     import torch
@@ -304,9 +341,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     imported = time.perf_counter() - started
     if args.threads:
         torch.set_num_threads(args.threads)
-    manager = DalleModelManager(load_config(args.config), device=args.device, log=lambda _: None)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    manager = DalleModelManager(
+        load_config(args.config),
+        device=args.device,
+        log=lambda _: None,
+        dtype=dtype,
+        keep_resident=args.keep_resident,
+    )
     cuda = manager.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     loads = {}
     for role in ("clip", "prior", "decoder"):  # CLIP first: the prior's load would include it
         started = time.perf_counter()
@@ -328,19 +374,44 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         }
         return SamplingSettings(**{**values, **overrides})
 
-    # Warm-up (kernels, allocator, lazy inits), unmeasured: few steps, one image.
-    _text2im(manager, settings(prior_steps=2, decoder_steps=[2]), 1, direct=False, sync=sync)
+    managers = {"ours": manager}
+    if args.direct:
+        managers["direct"] = manager
+    if args.compile:
+        managers["compiled"] = DalleModelManager(
+            load_config(args.config),
+            device=args.device,
+            log=lambda _: None,
+            dtype=dtype,
+            keep_resident=args.keep_resident,
+            compile=True,
+        )
     runs = []
     for count in args.images:
-        row = {"ours": _text2im(manager, settings(), count, direct=False, sync=sync)}
-        if args.direct:
-            row["direct"] = _text2im(manager, settings(), count, direct=True, sync=sync)
+        warmup = {}
+        for kind, used in managers.items():  # warm-up at this batch (kernels, allocator, lazy inits, compiling)
+            started = time.perf_counter()
+            warmup[kind] = _text2im(used, settings(), count, direct=kind == "direct", sync=sync)
+            warmup[kind]["warmup_s"] = time.perf_counter() - started
+        rounds: dict[str, list[dict[str, Any]]] = {kind: [] for kind in managers}
+        for _ in range(args.rounds):
+            for kind, used in managers.items():
+                rounds[kind].append(_text2im(used, settings(), count, direct=kind == "direct", sync=sync))
+        row = {kind: _best(results) for kind, results in rounds.items()}
+        for kind in row:
+            row[kind]["warmup_s"] = warmup[kind]["warmup_s"]
+        if "compiled" in row:
+            compiled = rounds["compiled"][-1]["pixels"]
+            row["compiled"]["max_pixel_difference_from_ours"] = int(
+                max(np.abs(a - b).max() for a, b in zip(rounds["ours"][-1]["pixels"], compiled, strict=True))
+            )
         runs.append(row)
     result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "dtype": args.dtype,
             "device": str(manager.device),
             "gpu": torch.cuda.get_device_name() if cuda else None,
             "torch": torch.__version__,
@@ -360,7 +431,7 @@ def _table(result: dict[str, Any]) -> str:
     machine = result["machine"]
     lines.append(
         f"{result['config']} on {machine['device']} ({machine['gpu'] or machine['platform']}, "
-        f"{machine['torch_threads']} torch threads, torch {machine['torch']})"
+        f"{machine['torch_threads']} torch threads, torch {machine['torch']}, {machine['dtype']})"
     )
     if "startup" in result:
         s = result["startup"]
@@ -373,42 +444,52 @@ def _table(result: dict[str, Any]) -> str:
         lines.append(f"load {role:<8}{load['seconds']:>8.3f} s  {', '.join(load['files'])}")
     peak_gpu = f", peak GPU {result['peak_gpu_mb']:.0f} MB" if result["peak_gpu_mb"] is not None else ""
     lines.append(f"peak RSS {result['peak_rss_mb']:.0f} MB{peak_gpu}")
+    short = {"direct": "dir", "compiled": "comp"}
     for row in result["runs"]:
-        ours, direct = row["ours"], row.get("direct")
+        ours = row["ours"]
+        others = {kind: run for kind, run in row.items() if kind != "ours"}
         st = ours["settings"]
         lines.append("")
         lines.append(
             f"text2im -n {ours['images']} --batch {st['batch']}: "
             f"prior {st['prior_steps']} steps x{st['prior_cond_scale']}, "
-            f"decoder {st['decoder_steps']} steps x{st['decoder_cond_scale']}"
+            f"decoder {st['decoder_steps']} steps x{st['decoder_cond_scale']}; "
+            f"best of {ours['rounds']} rounds (end to end / floor each round: "
+            f"{', '.join(f'{r:.2f}' for r in ours['over_floor_each_round'])})"
         )
         header = f"{'stage':<16}{'steps':>6}{'s':>9}{'steps/s':>9}{'img/s':>9}{'floor s':>9}{'/floor':>8}"
-        if direct:
-            header += f"{'direct s':>10}{'ours/dir':>9}"
+        for kind in others:
+            header += f"{kind + ' s':>11}{'ours/' + short[kind]:>10}"
         lines.append(header)
-        labels = list(ours["stages"]) + [k for k in (direct or {}).get("stages", {}) if k not in ours["stages"]]
-        for label in labels:
-            stage = ours["stages"].get(label)
-            if stage is None:
-                continue
+        for label, stage in ours["stages"].items():
             floor = f"{stage['floor_s']:>9.3f}{stage['over_floor']:>8.2f}" if stage["floor_s"] else f"{'-':>9}{'-':>8}"
             mark = "*" if stage.get("floor_has_redundant_null_pass") else ""
             line = (
                 f"{label + mark:<16}{stage['steps']:>6}{stage['seconds']:>9.3f}{stage['steps_per_s']:>9.1f}"
                 f"{stage['images_per_s']:>9.2f}{floor}"
             )
-            if direct:
-                other = direct["stages"].get(label)
-                line += f"{other['seconds']:>10.3f}{stage['seconds'] / other['seconds']:>9.2f}" if other else ""
+            for other in others.values():
+                theirs = other["stages"].get(label)
+                line += f"{theirs['seconds']:>11.3f}{stage['seconds'] / theirs['seconds']:>10.2f}" if theirs else ""
             lines.append(line)
         line = (
             f"{'end to end':<16}{'':>6}{ours['seconds']:>9.3f}{'':>9}{ours['images_per_s']:>9.2f}"
             f"{ours['floor_s']:>9.3f}{ours['over_floor']:>8.2f}"
         )
-        if direct:
-            line += f"{direct['seconds']:>10.3f}{ours['seconds'] / direct['seconds']:>9.2f}"
+        for other in others.values():
+            line += f"{other['seconds']:>11.3f}{ours['seconds'] / other['seconds']:>10.2f}"
         lines.append(line)
         lines.append(f"{'floor img/s':<16}{'':>6}{'':>9}{'':>9}{ours['floor_images_per_s']:>9.2f}")
+        if "direct" in others:
+            d = others["direct"]
+            lines.append(f"direct end to end / floor {d['over_floor']:.2f} (its own floor)")
+        if "compiled" in others:
+            c = others["compiled"]
+            lines.append(
+                f"compiled: warm-up run (compiling included) {c['warmup_s']:.1f} s, "
+                f"uncompiled {ours['warmup_s']:.1f} s; "
+                f"largest pixel difference from ours {c['max_pixel_difference_from_ours']} (of 255)"
+            )
         if any(stage.get("floor_has_redundant_null_pass") for stage in ours["stages"].values()):
             lines.append("* this unet takes no condition: its floor has dalle2-pytorch's redundant null pass")
     return "\n".join(lines)
@@ -425,10 +506,14 @@ def main() -> None:
     parser.add_argument("--decoder-cond-scale", type=float, nargs="+")
     parser.add_argument("--two-pass", action="store_true", help="guidance as dalle2-pytorch runs it: two passes")
     parser.add_argument("--device")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32", help="the weights' precision")
+    parser.add_argument("--keep-resident", action="store_true", help="on a GPU: no stage offloading")
+    parser.add_argument("--rounds", type=int, default=3, help="measured runs per -n, ours and direct in turn")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=5, help="subprocess runs per start-up median")
     parser.add_argument("--no-startup", action="store_true", help="skip the start-up subprocesses")
     parser.add_argument("--direct", action="store_true", help="also run the direct dalle2-pytorch script")
+    parser.add_argument("--compile", action="store_true", help="also run text2im --compile (torch.compile)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     first = startup(args.repeats) if not args.no_startup else None  # before this process imports torch
