@@ -86,6 +86,14 @@ ResidentOpt = Annotated[
         "--keep-resident", help="Keep every model on the GPU (faster when it fits) instead of only the running stage."
     ),
 ]
+CompileOpt = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="torch.compile the prior and decoder networks: the first batch waits for compiling (a minute or "
+        "more on a CPU), later batches of the same size run faster. For long runs.",
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing the images on stdout.")]
 NameOpt = Annotated[
     str | None,
@@ -239,8 +247,11 @@ def _generate(
     dalle2_cli.inference, or "manipulate.Name" for one of dalle2_cli.manipulate), `run` it,
     save the images, report. `after(generated, directory)` writes what else the command makes
     once the images are saved, and returns its entries for the report."""
+    from dalle2_cli import scaleout
     from dalle2_cli.config import load_config
 
+    if scaleout.world_size() > 1:
+        raise InputError(f"dalle2 {command} runs in one process: launch only text2im with accelerate or torchrun")
     # Check what is cheap to check before the (slow) torch import.
     name = _config_name(config)
     model_config = load_config(name)
@@ -249,9 +260,9 @@ def _generate(
     from dalle2_cli import inference
 
     load = _with_torch_dtype(load)
-    from dalle2_cli.files import model_file_sha256, resolve_file
+    from dalle2_cli.files import resolve_file
     from dalle2_cli.manager import DalleModelManager
-    from dalle2_cli.output import DEFAULT_NAME, write_grid, write_images
+    from dalle2_cli.output import DEFAULT_NAME, run_metadata, write_grid, write_images
     from dalle2_cli.progress import NoProgress, StageProgress
 
     # The config's name goes into messages about files missing offline (how to fetch them).
@@ -267,14 +278,7 @@ def _generate(
     with StageProgress() if not output.quiet and sys.stderr.isatty() else NoProgress() as bars:
         generated = run(script_class(manager, inference.SamplingSettings(**settings), progress=bars))
 
-    common = {
-        "command": command,
-        "config": name,
-        "config_path": str(model_config.source_path),
-        "model_files": {role: str(path) for role, path in manager.files.items()},
-        "model_sha256": {role: model_file_sha256(path) for role, path in manager.files.items()},
-        "tool": f"dalle2-cli {__version__}",
-    }
+    common = run_metadata(command, name, model_config.source_path, manager.files)
     records = write_images(generated, directory, common, output.name or DEFAULT_NAME, output.overwrite)
     report: dict[str, Any] = {"images": records, "config": name, "device": str(manager.device)}
     _say(f"saved {len(records)} image(s) to {directory}")
@@ -399,24 +403,36 @@ def text2im(
     decoder_cond_scale: DecoderScaleOpt = None,
     device: DeviceOpt = None,
     keep_resident: ResidentOpt = False,
+    compile_networks: CompileOpt = False,
     weights: WeightsOpt = Weights.ema,
     non_strict: NonStrictOpt = False,
     dtype: DtypeOpt = Precision.fp32,
     offline: OfflineOpt = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Record finished images in a manifest in the output directory (always done under accelerate "
+            "launch) and skip those it records: the same command with --resume finishes an interrupted run.",
+        ),
+    ] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Make images from text prompts."""
+    """Make images from text prompts (spread over the processes of `accelerate launch`)."""
 
     def body() -> None:
         nonlocal config, seed, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
+        from dalle2_cli import scaleout
         from dalle2_cli.prompts import Prompt, read_prompts
 
         _go_offline(offline)
         if any(not p.strip() for p in prompts or []):
             raise InputError("a prompt is empty: describe the image to make")
         requests = [Prompt(p) for p in prompts or []]
+        if prompts_file == "-" and scaleout.world_size() > 1:
+            raise InputError("--prompts-file -: processes of a launch cannot share standard input; give a file")
         if prompts_file is not None:
             requests += read_prompts(prompts_file)
         if from_image is not None:
@@ -439,18 +455,68 @@ def text2im(
         settings = _settings(
             num_images, seed, batch_size, prior_steps, decoder_steps, prior_cond_scale, decoder_cond_scale
         )
+        load = _load_options(device, weights, non_strict, dtype, keep_resident)
+        load["compile"] = compile_networks
+        output = _output_choice(output_dir, name, overwrite, grid, grid_rows, json_out, quiet)
+        if resume or scaleout.launched():
+            if rerank is not None:
+                raise InputError("--rerank runs in one process, without --resume: leave one of them out")
+            _scale_out(config, load, output, settings, requests, num_images, resume)
+            return
 
         _generate(
             "text2im",
             config,
-            _load_options(device, weights, non_strict, dtype, keep_resident),
-            _output_choice(output_dir, name, overwrite, grid, grid_rows, json_out, quiet),
+            load,
+            output,
             settings,
             "TextToImage" if rerank is None else "manipulate.RerankedTextToImage",
             _reranked(requests, num_images, rerank) if rerank else lambda script: script.run(requests, num_images),
         )
 
     _guard(debug, body)
+
+
+def _scale_out(
+    config: str | None,
+    load: dict[str, Any],
+    output: OutputChoice,
+    settings: dict[str, Any],
+    requests: list,
+    num_images: int,
+    resume: bool,
+) -> None:
+    """text2im's work shared by the processes of a launch, resumable (dalle2_cli.scaleout)."""
+    from dalle2_cli import scaleout
+    from dalle2_cli.config import load_config
+    from dalle2_cli.output import DEFAULT_NAME
+
+    name = _config_name(config)
+    model_config = load_config(name)
+    directory = _output_dir(output.directory)
+    from dalle2_cli.inference import SamplingSettings
+
+    try:
+        report = scaleout.run_text2im(
+            model_config,
+            requests,
+            directory,
+            num_images,
+            SamplingSettings(**settings),
+            config_name=name,
+            load=_with_torch_dtype(load),
+            template=output.name or DEFAULT_NAME,
+            resume=resume,
+            overwrite=output.overwrite,
+            grid=output.grid,
+            grid_rows=output.grid_rows,
+            progress=not output.quiet and sys.stderr.isatty(),
+            say=_say,
+        )
+    except scaleout.MainRefused as refused:  # the main process prints it: one line, not one per process
+        raise typer.Exit(refused.exit_code) from None
+    if report is not None and output.json:
+        print(json.dumps(report))
 
 
 @app.command()

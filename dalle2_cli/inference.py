@@ -251,15 +251,14 @@ class InferenceScript:
                 cond_scale if isinstance(cond_scale, list) else [cond_scale], decoder.num_unets, "cond_scale"
             )
 
-        encodings = None
+        encodings = texts = None
         if decoder.condition_on_text_encodings:
             if text_encoding is not None:
                 encodings = _stack(text_encoding)
+                if encodings.shape[0] == 1 and count > 1:
+                    encodings = encodings.expand(count, *encodings.shape[1:])
             else:
                 texts = [text] * count if text is None or isinstance(text, str) else list(text)
-                encodings = self._text_encodings([t or "" for t in texts])
-            if encodings.shape[0] == 1 and count > 1:
-                encodings = encodings.expand(count, *encodings.shape[1:])
 
         size = decoder.image_sizes[-1]
         keep_images = keep_masks = None
@@ -273,6 +272,14 @@ class InferenceScript:
 
         jobs = [index for index in range(count) for _ in range(sample_count)]
         seeds = self._job_seeds(seeds, len(jobs), sample_count)
+        if texts is not None:
+            # Encoded in the decoder's batches, all before the decoder runs (no model swap per
+            # batch): a batch's pixels then depend on that batch alone, whatever else the run
+            # holds (GPU kernels may round by batch shape), which scale-out relies on.
+            batch_encodings = [
+                self._text_encodings([texts[i] or "" for i in jobs[start : start + batch_size]])
+                for start in range(0, len(jobs), batch_size)
+            ]
         results: dict[int, list[Image.Image]] = {index: [] for index in range(count)}
         saved_steps = decoder.sample_timesteps
         decoder.sample_timesteps = tuple(timesteps)
@@ -285,6 +292,8 @@ class InferenceScript:
                 extra = {}
                 if encodings is not None:
                     extra["text_encodings"] = encodings[chunk].to(self.device)
+                elif texts is not None:
+                    extra["text_encodings"] = batch_encodings[start // batch_size].to(self.device)
                 if keep_images is not None:
                     extra["inpaint_image"] = keep_images[chunk].to(self.device)
                     extra["inpaint_mask"] = keep_masks[chunk].to(self.device)

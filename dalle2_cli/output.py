@@ -122,18 +122,32 @@ def write_images(
             command=common.get("command", "image"),
         )
         path = output_path(directory, stem, taken, overwrite)
-        own = {"prompt": item.prompt, "seed": item.seed, "index": item.index, "source": item.source}
-        save_png(item.image, path, {**own, **item.settings, **common})
-        records.append(
-            {
-                "path": str(path),
-                **own,
-                "width": item.image.width,
-                "height": item.image.height,
-                "settings": item.settings,
-            }
-        )
+        records.append(save_generated(item, path, common))
     return records
+
+
+def save_generated(item: Any, path: Path, common: dict[str, Any]) -> dict[str, Any]:
+    """Save one generated image at `path` with its own settings plus `common` in its metadata;
+    return its record (one entry of `--json`'s "images")."""
+    own = {"prompt": item.prompt, "seed": item.seed, "index": item.index, "source": item.source}
+    save_png(item.image, path, {**own, **item.settings, **common})
+    return {"path": str(path), **own, "width": item.image.width, "height": item.image.height, "settings": item.settings}
+
+
+def run_metadata(command: str, config_name: str, config_path: Any, model_files: dict[str, Path]) -> dict[str, Any]:
+    """What every image of a run records besides its own settings: the command, the config,
+    the model files and their sha256, the tool's version."""
+    from dalle2_cli import __version__
+    from dalle2_cli.files import model_file_sha256
+
+    return {
+        "command": command,
+        "config": config_name,
+        "config_path": str(config_path),
+        "model_files": {role: str(path) for role, path in model_files.items()},
+        "model_sha256": {role: model_file_sha256(path) for role, path in model_files.items()},
+        "tool": f"dalle2-cli {__version__}",
+    }
 
 
 def write_grid(
