@@ -262,7 +262,7 @@ def _generate(
     load = _with_torch_dtype(load)
     from dalle2_cli.files import resolve_file
     from dalle2_cli.manager import DalleModelManager
-    from dalle2_cli.output import DEFAULT_NAME, run_metadata, write_grid, write_images
+    from dalle2_cli.output import DEFAULT_NAME, rows_by_input, run_metadata, write_grid, write_images
     from dalle2_cli.progress import NoProgress, StageProgress
 
     # The config's name goes into messages about files missing offline (how to fetch them).
@@ -285,11 +285,7 @@ def _generate(
     for record in records:
         _say(f"  {record['path']}")
     if output.grid:
-        groups: list[list[Any]] = []
-        for item in generated:  # a new row where a new prompt's (or input's) images start
-            if item.index == 0 or not groups:
-                groups.append([])
-            groups[-1].append(item.image)
+        groups = rows_by_input((item.index, item.image) for item in generated)
         grid = write_grid(groups, directory, [r["path"] for r in records], output.grid_rows, output.overwrite)
         report["grid"] = str(grid)
         _say(f"  {grid} (grid)")

@@ -601,10 +601,11 @@ def recorded_digest(path: Path) -> str | None:
         return None
 
 
-def _recorded_sha256(path: Path) -> str | None:
-    """The recorded digest, if the file's size and mtime are unchanged since (no re-hash)."""
+def _recorded_sha256(path: Path, record: Path | None = None) -> str | None:
+    """The digest recorded in `record` (default: the file's sidecar), if the file's size and
+    mtime are unchanged since (no re-hash)."""
     try:
-        digest, size, mtime = sidecar_path(path).read_text().split()
+        digest, size, mtime = (record or sidecar_path(path)).read_text().split()
         stat = path.stat()
     except (OSError, ValueError):
         return None
@@ -613,9 +614,9 @@ def _recorded_sha256(path: Path) -> str | None:
     return digest
 
 
-def _record_sha256(path: Path, digest: str, stat_of: Path | None = None) -> None:
+def _record_sha256(path: Path, digest: str, stat_of: Path | None = None, record: Path | None = None) -> None:
     stat = (stat_of or path).stat()
-    with atomic_path(sidecar_path(path)) as tmp:
+    with atomic_path(record or sidecar_path(path)) as tmp:
         tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
 
 
@@ -632,19 +633,13 @@ def model_file_sha256(path: Path) -> str:
         return blob[1]
     resolved = path.resolve()
     memo = default_cache_dir() / ".checksums" / hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
-    try:
-        digest, size, mtime = memo.read_text().split()
-        stat = resolved.stat()
-        if int(size) == stat.st_size and int(mtime) == stat.st_mtime_ns:
-            return digest
-    except (OSError, ValueError):
-        pass
+    digest = _recorded_sha256(resolved, record=memo)
+    if digest is not None:
+        return digest
     digest = sha256_of(resolved)
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        stat = resolved.stat()
-        with atomic_path(memo) as tmp:
-            tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
+        _record_sha256(resolved, digest, record=memo)
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return digest

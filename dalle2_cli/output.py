@@ -6,7 +6,7 @@ import json
 import math
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +148,17 @@ def run_metadata(command: str, config_name: str, config_path: Any, model_files: 
         "model_sha256": {role: model_file_sha256(path) for role, path in model_files.items()},
         "tool": f"dalle2-cli {__version__}",
     }
+
+
+def rows_by_input(indexed: Iterable[tuple[int, Image.Image]]) -> list[list[Image.Image]]:
+    """A run's (index, image) pairs in order, grouped by input: a new group where an input's
+    first image (index 0) starts; what `write_grid` lays out one row each."""
+    groups: list[list[Image.Image]] = []
+    for index, image in indexed:
+        if index == 0 or not groups:
+            groups.append([])
+        groups[-1].append(image)
+    return groups
 
 
 def write_grid(

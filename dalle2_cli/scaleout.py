@@ -64,13 +64,6 @@ def world_size() -> int:
         return 1
 
 
-def rank() -> int:
-    try:
-        return int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0
-
-
 def launched() -> bool:
     """Running under `accelerate launch` (any number of processes) or torchrun."""
     return "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
@@ -574,14 +567,13 @@ def _write_grid(directory: Path, jobs: Sequence[Job], rows: int | None, overwrit
     every process wrote."""
     from PIL import Image
 
-    from dalle2_cli.output import write_grid
+    from dalle2_cli.output import rows_by_input, write_grid
 
-    groups: list[list[Image.Image]] = []
-    for job in jobs:
-        if job.index == 0 or not groups:
-            groups.append([])
+    def read(job: Job) -> Image.Image:
         with Image.open(directory / job.file) as image:
-            groups[-1].append(image.copy())
+            return image.copy()
+
+    groups = rows_by_input((job.index, read(job)) for job in jobs)
     return write_grid(groups, directory, [str(directory / job.file) for job in jobs], rows, overwrite)
 
 
