@@ -351,15 +351,26 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _partial_state() -> Any:
+@contextmanager
+def _process_group() -> Iterator[Any]:
+    """accelerate's `PartialState` for this run. Under a launch, the process group is
+    destroyed when the run ends: one run per launched process."""
     from accelerate import PartialState
 
-    if world_size() > 1:
-        # Gloo whatever the device: the processes exchange only small objects (a plan, counts,
-        # records), which gloo does without taking GPU memory, and several processes may then
-        # share one GPU (which NCCL refuses).
-        return PartialState(cpu=True, backend="gloo", timeout=BARRIER_TIMEOUT)
-    return PartialState(cpu=True)
+    if world_size() == 1:
+        yield PartialState(cpu=True)
+        return
+    # Gloo whatever the device: the processes exchange only small objects (a plan, counts,
+    # records), which gloo does without taking GPU memory, and several processes may then
+    # share one GPU (which NCCL refuses).
+    state = PartialState(cpu=True, backend="gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield state
+        state.wait_for_everyone()  # no process tears down while another still sends to it
+    finally:
+        # Left to the interpreter's exit, gloo's threads can abort the process after its work
+        # is done ("terminate called without an active exception", pytorch issue 190489).
+        state.destroy_process_group()
 
 
 def _device(name: str | None, local_process: int) -> str:
@@ -432,7 +443,7 @@ def run_text2im(
 ) -> dict[str, Any] | None:
     """Make `num_images` images per prompt into `directory` with this process's share of the
     batches, recording each in this process's manifest; with `resume`, skip what the
-    manifests record. Call it in every process of a launch (or alone: one process does all).
+    manifests record. Call it once in every process of a launch (or alone: one process does all).
 
     `model_config`: a dalle2_cli.config.ModelLoadConfig; `settings`: SamplingSettings (its
     seed, when None, is drawn once for all processes); `load`: DalleModelManager's keyword
@@ -450,102 +461,104 @@ def run_text2im(
     load = dict(load or {})
     name = config_name or str(model_config.source_path)
     prompts = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
-    state = _partial_state()
-    process, processes, main = state.process_index, state.num_processes, state.is_main_process
+    with _process_group() as state:
+        process, processes, main = state.process_index, state.num_processes, state.is_main_process
 
-    plan: Plan | str | None = None
-    if main:
-        try:
-            plan = prepare(
-                prompts,
-                num_images,
-                settings.seed,
-                settings.batch_size,
-                directory,
-                template,
-                "ema" if load.get("prefer_ema", True) else "raw",
-                resume,
-                overwrite,
+        plan: Plan | str | None = None
+        if main:
+            try:
+                plan = prepare(
+                    prompts,
+                    num_images,
+                    settings.seed,
+                    settings.batch_size,
+                    directory,
+                    template,
+                    "ema" if load.get("prefer_ema", True) else "raw",
+                    resume,
+                    overwrite,
+                )
+            except InputError as error:
+                plan = str(error)
+        plan = _one_for_all(state, plan)
+        if isinstance(plan, str):
+            raise InputError(plan) if main else MainRefused(plan)
+        jobs = plan_jobs(prompts, num_images, plan.seed, template)
+        if jobs_digest(jobs) != plan.digest:
+            # The prompts file differs between machines (or changed while they started).
+            raise InputError(
+                f"process {process} read other prompts than process 0: give every process the same prompts"
             )
-        except InputError as error:
-            plan = str(error)
-    plan = _one_for_all(state, plan)
-    if isinstance(plan, str):
-        raise InputError(plan) if main else MainRefused(plan)
-    jobs = plan_jobs(prompts, num_images, plan.seed, template)
-    if jobs_digest(jobs) != plan.digest:
-        # The prompts file differs between machines (or changed while they started).
-        raise InputError(f"process {process} read other prompts than process 0: give every process the same prompts")
-    batches = cut_batches(jobs, settings.batch_size)
-    mine = share(plan.todo, process, processes)
+        batches = cut_batches(jobs, settings.batch_size)
+        mine = share(plan.todo, process, processes)
 
-    log = _ProcessLog(process, say)
-    with state.main_process_first():  # rank 0 downloads; the others then find the files cached
-        download_config(model_config, name, quiet=not (main and progress))
-    load["device"] = _device(load.get("device") or model_config.device, state.local_process_index)
-    manager = DalleModelManager(
-        model_config, resolve=functools.partial(resolve_file, config_name=name), log=log, **load
-    )
-    script = TextToImage(manager, dataclasses.replace(settings, seed=plan.seed))
-    current = model_settings(script)
-    error = None
-    if plan.recorded is not None:
-        try:
-            check_same_settings(plan.recorded, current, directory)
-        except InputError as refused:
-            error = str(refused)
-    _all_agree(state, error)
-    log.loading = False
-    from dalle2_cli.output import run_metadata, save_generated
-
-    common = run_metadata(COMMAND, name, model_config.source_path, manager.files)
-    records: list[dict[str, Any]] = []
-    with (
-        ManifestWriter(directory, process, {**plan.settings, **current}, name) as manifest,
-        _combined_progress(directory, len(jobs), plan.finished, processes, main and progress),
-    ):
-        state.wait_for_everyone()  # the clock starts when every process has its models
-        start = time.perf_counter()
-        for number, missing in mine:
-            batch = batches[number]
-            made = script.run([Prompt(job.prompt, 1, job.seed) for job in batch], 1)
-            for job, item in zip(batch, made, strict=True):
-                if job.number not in missing:
-                    continue  # finished by an earlier run: the batch ran whole only to keep pixels exact
-                item = dataclasses.replace(item, index=job.index)  # run alone, each image was index 0
-                records.append({"job": job.number, **save_generated(item, directory / job.file, common)})
-                manifest.record(job)
-        seconds = time.perf_counter() - start
-        from accelerate.utils import gather_object
-
-        figures = gather_object(
-            [{"process": process, "device": str(manager.device), "images": len(records), "seconds": seconds}]
+        log = _ProcessLog(process, say)
+        with state.main_process_first():  # rank 0 downloads; the others then find the files cached
+            download_config(model_config, name, quiet=not (main and progress))
+        load["device"] = _device(load.get("device") or model_config.device, state.local_process_index)
+        manager = DalleModelManager(
+            model_config, resolve=functools.partial(resolve_file, config_name=name), log=log, **load
         )
-        every_record = gather_object(records)
-        elapsed = time.perf_counter() - start
-    if not main:
-        return None
-    every_record.sort(key=lambda record: record["job"])
-    for record in every_record:
-        del record["job"]
-    total = sum(f["images"] for f in figures)
-    report: dict[str, Any] = {
-        "images": every_record,
-        "config": name,
-        "device": str(manager.device),
-        "already_done": plan.finished,
-        "processes": figures,
-        "seconds": elapsed,
-        "images_per_second": total / elapsed if elapsed > 0 else None,
-    }
-    done_before = f" ({plan.finished} were done already)" if plan.finished else ""
-    say(f"saved {total} image(s) to {directory}{done_before}")
-    for line in summary_lines(figures, elapsed):
-        say(line)
-    if grid:
-        report["grid"] = str(_write_grid(directory, jobs, grid_rows, overwrite or plan.recorded is not None))
-        say(f"  {report['grid']} (grid)")
-    return report
+        script = TextToImage(manager, dataclasses.replace(settings, seed=plan.seed))
+        current = model_settings(script)
+        error = None
+        if plan.recorded is not None:
+            try:
+                check_same_settings(plan.recorded, current, directory)
+            except InputError as refused:
+                error = str(refused)
+        _all_agree(state, error)
+        log.loading = False
+        from dalle2_cli.output import run_metadata, save_generated
+
+        common = run_metadata(COMMAND, name, model_config.source_path, manager.files)
+        records: list[dict[str, Any]] = []
+        with (
+            ManifestWriter(directory, process, {**plan.settings, **current}, name) as manifest,
+            _combined_progress(directory, len(jobs), plan.finished, processes, main and progress),
+        ):
+            state.wait_for_everyone()  # the clock starts when every process has its models
+            start = time.perf_counter()
+            for number, missing in mine:
+                batch = batches[number]
+                made = script.run([Prompt(job.prompt, 1, job.seed) for job in batch], 1)
+                for job, item in zip(batch, made, strict=True):
+                    if job.number not in missing:
+                        continue  # finished by an earlier run: the batch ran whole only to keep pixels exact
+                    item = dataclasses.replace(item, index=job.index)  # run alone, each image was index 0
+                    records.append({"job": job.number, **save_generated(item, directory / job.file, common)})
+                    manifest.record(job)
+            seconds = time.perf_counter() - start
+            from accelerate.utils import gather_object
+
+            figures = gather_object(
+                [{"process": process, "device": str(manager.device), "images": len(records), "seconds": seconds}]
+            )
+            every_record = gather_object(records)
+            elapsed = time.perf_counter() - start
+        if not main:
+            return None
+        every_record.sort(key=lambda record: record["job"])
+        for record in every_record:
+            del record["job"]
+        total = sum(f["images"] for f in figures)
+        report: dict[str, Any] = {
+            "images": every_record,
+            "config": name,
+            "device": str(manager.device),
+            "already_done": plan.finished,
+            "processes": figures,
+            "seconds": elapsed,
+            "images_per_second": total / elapsed if elapsed > 0 else None,
+        }
+        done_before = f" ({plan.finished} were done already)" if plan.finished else ""
+        say(f"saved {total} image(s) to {directory}{done_before}")
+        for line in summary_lines(figures, elapsed):
+            say(line)
+        if grid:
+            report["grid"] = str(_write_grid(directory, jobs, grid_rows, overwrite or plan.recorded is not None))
+            say(f"  {report['grid']} (grid)")
+        return report
 
 
 def summary_lines(figures: Sequence[dict[str, Any]], elapsed: float) -> list[str]:
