@@ -4,6 +4,9 @@
                                                     # (configs/shapes.json names those files)
     python scripts/train_shapes.py --resume         # go on from the last saved step
     python scripts/train_shapes.py --scale 0.05     # a quick smoke run (5 % of the steps)
+    python scripts/train_shapes.py --resume --stages decoder-base --steps decoder-base=20000 \
+        --probe-every 2000      # after rm -r .shapes-train/seed0/decoder-base: a longer base
+                                # decoder from scratch (CLIP and prior kept), judged as it trains
 
 Every stage uses dalle2-pytorch's own trainers (except CLIP, which open_clip does not train
 for us) and is saved as LAION's files are: tracker model saves with the training config and
@@ -14,11 +17,13 @@ Stages checkpoint every few minutes under --work-dir, so an interrupted run resu
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,10 +38,11 @@ from dalle2_pytorch import DecoderTrainer, DiffusionPriorTrainer  # noqa: E402
 from dalle2_pytorch.trackers import Tracker  # noqa: E402
 from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # noqa: E402
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
-from dalle2_cli.shapes import caption, random_scene  # noqa: E402
+from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("clip", "prior", "decoder-base", "decoder-upsampler")
@@ -125,6 +131,13 @@ class Plan:
         }
         return Plan(**{**self.__dict__, **steps})
 
+    def with_steps(self, overrides: dict[str, int]) -> Plan:
+        """`overrides`: a stage's name (see STAGES) -> its step count."""
+        return Plan(**{**self.__dict__, **{STEP_FIELDS[stage]: steps for stage, steps in overrides.items()}})
+
+
+STEP_FIELDS = dict(zip(STAGES, ("clip_steps", "prior_steps", "base_steps", "upsampler_steps"), strict=True))
+
 
 class Pool:
     """`size` scenes drawn once from `seed`, each with three captions, kept as uint8 pixels."""
@@ -147,6 +160,37 @@ class Pool:
     def embed_images(self, clip) -> None:
         chunks = [clip.embed_image(self.images[i : i + 1000].float() / 255)[0] for i in range(0, len(self.keys), 1000)]
         self.image_embeds = torch.cat(chunks)
+
+
+class Probe:
+    """How the base decoder draws so far: samples for `count` scenes drawn from their own seed,
+    conditioned on those scenes' CLIP image embeddings (a variation without the upsampler), judged
+    by dalle2_cli.shapes.judge on colour, shape and background. Shape is what the base learns last."""
+
+    def __init__(self, clip, count: int = 48, seed: int = 4321, sample_steps: int = 25):
+        rng = random.Random(seed)
+        self.scenes = [random_scene(rng) for _ in range(count)]
+        images = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in self.scenes])
+        with torch.no_grad():
+            self.image_embeds = clip.embed_image(images.float() / 255)[0]
+        self.sample_steps = sample_steps
+
+    def __call__(self, trainer: DecoderTrainer) -> str:
+        decoder = trainer.decoder
+        saved_steps, decoder.sample_timesteps = decoder.sample_timesteps, (self.sample_steps,)
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda):  # training draws the same noise with or without probes
+            torch.manual_seed(1)
+            images = trainer.sample(image_embed=self.image_embeds, stop_at_unet_number=1)
+        decoder.sample_timesteps = saved_steps
+        right = {"colour": 0, "shape": 0, "background": 0}
+        for scene, image in zip(self.scenes, images.clamp(0, 1).mul(255).round().byte().cpu(), strict=True):
+            verdict = judge(Image.fromarray(image.permute(1, 2, 0).numpy()))
+            right["colour"] += verdict.color == scene.color
+            right["shape"] += verdict.shape == scene.shape
+            right["background"] += verdict.background == scene.background
+        figures = ", ".join(f"{name} {100 * n / len(self.scenes):.0f} %" for name, n in right.items())
+        return f"probe ({len(self.scenes)} held-out scenes, {self.sample_steps} steps): {figures}"
 
 
 def log(stage: str, step: int, total: int, loss: float, started: float, first: int = 0) -> None:
@@ -246,7 +290,16 @@ def full_config(section: str, model: dict, steps: int, batch: int) -> dict:
     }
 
 
-def run_trainer(stage: Stage, trainer, steps: int, step_fn, resume: bool, unet_number: int | None = None) -> None:
+def run_trainer(
+    stage: Stage,
+    trainer,
+    steps: int,
+    step_fn,
+    resume: bool,
+    unet_number: int | None = None,
+    probe: Callable[[], str] | None = None,
+    probe_every: int = 0,
+) -> None:
     checkpoint = stage.work / "trainer.pth"
     start = 0
     if resume and checkpoint.exists():
@@ -259,6 +312,8 @@ def run_trainer(stage: Stage, trainer, steps: int, step_fn, resume: bool, unet_n
         loss = step_fn(stage.step_seed(step))
         if step % 50 == 0 or step == steps - 1:
             log(stage.name, step + 1, steps, loss, started, first=start)
+        if probe and ((step + 1) % probe_every == 0 or step == steps - 1):
+            print(f"[{stage.name}] step {step + 1} {probe()}", flush=True)
         if stage.due():
             trainer.save(str(checkpoint))
             stage.last_save = time.time()
@@ -314,6 +369,8 @@ def train_decoder(
     seed: int,
     resume: bool,
     out: Path,
+    probe: Probe | None = None,
+    probe_every: int = 0,
 ) -> None:
     stage = Stage(name, work, seed)
     torch.manual_seed(seed)
@@ -336,8 +393,19 @@ def train_decoder(
         trainer.update(unet_number)
         return loss
 
-    run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number)
+    check = functools.partial(probe, trainer) if probe and probe_every > 0 else None
+    run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number, probe=check, probe_every=probe_every)
     save_model_file(trainer, out / f"{name}.pth", full_config("decoder", decoder_config, steps, plan.batch))
+
+
+def parse_steps(entries: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
+    overrides = {}
+    for entry in entries:
+        stage, _, count = entry.partition("=")
+        if stage not in STAGES or not count.isdigit() or int(count) < 1:
+            parser.error(f"--steps {entry}: give STAGE=N with a stage of {','.join(STAGES)} and N >= 1")
+        overrides[stage] = int(count)
+    return overrides
 
 
 def main() -> None:
@@ -354,10 +422,24 @@ def main() -> None:
         help="comma-separated stages to train (the decoders need CLIP trained first; two processes with "
         "--resume may train the two decoders side by side)",
     )
+    parser.add_argument(
+        "--steps",
+        action="append",
+        default=[],
+        metavar="STAGE=N",
+        help="train STAGE for N steps in all (after --scale); repeatable, e.g. --steps decoder-base=20000",
+    )
+    parser.add_argument(
+        "--probe-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every N base-decoder steps (and at its last), print how its samples of held-out scenes are judged",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = Plan().scaled(args.scale)
+    plan = Plan().scaled(args.scale).with_steps(parse_steps(args.steps, parser))
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir / f"seed{args.seed}"  # a later --resume with a larger --scale trains on
     if not args.resume and work.exists() and any(work.iterdir()):
@@ -380,12 +462,16 @@ def main() -> None:
     pool.embed_images(clip)
     if "prior" in stages:
         train_prior(plan, pool, work, args.seed, args.resume, clip, args.out)
+    probe = Probe(clip) if args.probe_every > 0 and "decoder-base" in stages else None
     for name, config, unet, steps in (
         ("decoder-base", BASE, 1, plan.base_steps),
         ("decoder-upsampler", UPSAMPLER, 2, plan.upsampler_steps),
     ):
         if name in stages:
-            train_decoder(name, config, unet, steps, plan, pool, work, args.seed, args.resume, args.out)
+            checked = probe if unet == 1 else None  # the upsampler's samples need a base to start from
+            train_decoder(
+                name, config, unet, steps, plan, pool, work, args.seed, args.resume, args.out, checked, args.probe_every
+            )
     print(f"done in {time.time() - started:.0f}s; files in {args.out}", flush=True)
 
 

@@ -4,10 +4,14 @@ config like the shipped one, and an interrupted run resumes."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import PACKAGE_DIR, load_config
 from dalle2_cli.manager import DalleModelManager
 
@@ -49,3 +53,36 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
     resumed = train("--out", str(out), "--work-dir", str(work), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "[prior] resumed at step" in resumed.stdout and "[decoder-base] resumed at step" in resumed.stdout
+
+
+def test_steps_override_and_probes_that_leave_training_unchanged(tmp_path):
+    """--steps sets a stage's length; --probe-every judges the base's samples as it trains,
+    drawing no training randomness (the same weights with and without probes)."""
+    runs = {}
+    for name, extra in (("plain", ()), ("probed", ("--probe-every", "3"))):
+        out = tmp_path / name
+        result = train(
+            "--out", str(out), "--work-dir", str(tmp_path / f"work-{name}"),
+            "--stages", "clip,decoder-base", "--steps", "decoder-base=5", *extra,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        assert "[decoder-base] step 5/5" in result.stdout
+        runs[name] = (result.stdout, read_checkpoint(out / "decoder-base.pth").state_dict)
+
+    probes = re.findall(
+        r"\[decoder-base\] step (\d+) probe \(48 held-out scenes, 25 steps\): "
+        r"colour (\d+) %, shape (\d+) %, background (\d+) %",
+        runs["probed"][0],
+    )
+    assert [int(p[0]) for p in probes] == [3, 5]  # every 3 steps, and at the last
+    assert all(0 <= int(figure) <= 100 for p in probes for figure in p[1:])
+    assert " probe (" not in runs["plain"][0]
+    plain, probed = runs["plain"][1], runs["probed"][1]
+    assert plain.keys() == probed.keys()
+    assert all(torch.equal(plain[key], probed[key]) for key in plain)
+
+
+def test_a_bad_steps_override_is_refused(tmp_path):
+    result = train("--out", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--steps", "decoder=5")
+    assert result.returncode == 2
+    assert "--steps decoder=5: give STAGE=N" in result.stderr and "Traceback" not in result.stderr
