@@ -9,11 +9,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+PART_SUFFIX = ".part"
+
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path to write; on success it becomes `target`, on error it is removed."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PART_SUFFIX)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -23,6 +25,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
+
+
+def remove_leftovers(directory: Path, names: set[str]) -> None:
+    """Remove the temporary files that killed writes of these file names left in `directory`
+    (never anything else)."""
+    for path in directory.glob(f".*{PART_SUFFIX}"):
+        target = path.name[1 : -len(PART_SUFFIX)].rpartition(".")[0]  # .NAME.RANDOM.part -> NAME
+        if target in names:
+            path.unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -485,12 +485,12 @@ def _scale_out(
     """text2im's work shared by the processes of a launch, resumable (dalle2_cli.scaleout)."""
     from dalle2_cli import scaleout
     from dalle2_cli.config import load_config
+    from dalle2_cli.inference import SamplingSettings
     from dalle2_cli.output import DEFAULT_NAME
 
     name = _config_name(config)
     model_config = load_config(name)
     directory = _output_dir(output.directory)
-    from dalle2_cli.inference import SamplingSettings
 
     try:
         report = scaleout.run_text2im(

@@ -35,6 +35,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
+from dalle2_cli.atomic import remove_leftovers
 from dalle2_cli.errors import InputError
 from dalle2_cli.output import DEFAULT_NAME, output_path, render_name
 from dalle2_cli.prompts import Prompt
@@ -141,17 +142,22 @@ def _parse_manifest(path: Path) -> tuple[dict[str, Any] | None, set[str]]:
     header = None
     finished: set[str] = set()
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: its image counts as not finished
-        if not isinstance(entry, dict):
-            continue
+        entry = _entry(line)
         if header is None and isinstance(entry.get("settings"), dict):
             header = entry["settings"]
         elif header is not None and isinstance(entry.get("file"), str):
             finished.add(entry["file"])
     return header, finished
+
+
+def _entry(line: str | bytes) -> dict[str, Any]:
+    """A manifest line's object; {} for a line that is none (one a crash cut short: its image
+    counts as not finished)."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+    return entry if isinstance(entry, dict) else {}
 
 
 @dataclass
@@ -312,22 +318,13 @@ def prepare(
                 f"{directory} already holds {clashing[0]}{more}, which no manifest there records: "
                 "use another --output-dir, or --overwrite to replace them"
             )
-    _remove_partial_files(directory, {job.file for job in jobs} | {"grid.png"})
+    remove_leftovers(directory, {job.file for job in jobs} | {"grid.png"})
     todo = []
     for number, batch in enumerate(cut_batches(jobs, batch_size)):
         missing = tuple(job.number for job in batch if job.file not in finished)
         if missing:
             todo.append((number, missing))
     return Plan(seed, digest, settings, todo, len(finished), recorded)
-
-
-def _remove_partial_files(directory: Path, names: set[str]) -> None:
-    """Temporary files of writes a kill interrupted (dalle2_cli.atomic names them
-    `.NAME.RANDOM.part`); only those of this run's names, never anything else."""
-    for path in directory.glob(".*.part"):
-        target = path.name[1 : -len(".part")].rpartition(".")[0]
-        if target in names:
-            path.unlink(missing_ok=True)
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -452,10 +449,13 @@ def run_text2im(
     """
     import functools
 
+    from accelerate.utils import gather_object
+
     from dalle2_cli.files import resolve_file
     from dalle2_cli.inference import SamplingSettings, TextToImage
     from dalle2_cli.manager import DalleModelManager
     from dalle2_cli.models import download_config
+    from dalle2_cli.output import run_metadata, save_generated
 
     settings = settings or SamplingSettings()
     load = dict(load or {})
@@ -509,7 +509,6 @@ def run_text2im(
                 error = str(refused)
         _all_agree(state, error)
         log.loading = False
-        from dalle2_cli.output import run_metadata, save_generated
 
         common = run_metadata(COMMAND, name, model_config.source_path, manager.files)
         records: list[dict[str, Any]] = []
@@ -529,7 +528,6 @@ def run_text2im(
                     records.append({"job": job.number, **save_generated(item, directory / job.file, common)})
                     manifest.record(job)
             seconds = time.perf_counter() - start
-            from accelerate.utils import gather_object
 
             figures = gather_object(
                 [{"process": process, "device": str(manager.device), "images": len(records), "seconds": seconds}]
@@ -614,12 +612,9 @@ class _ManifestTail:
             whole = data[: data.rfind(b"\n") + 1]  # a line still being written waits
             self.offsets[path] = offset + len(whole)
             for line in whole.splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(entry, dict) and isinstance(entry.get("file"), str):
-                    self.files.add(entry["file"])
+                file = _entry(line).get("file")
+                if isinstance(file, str):
+                    self.files.add(file)
         return len(self.files)
 
 

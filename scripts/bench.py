@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -342,13 +343,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    manager = DalleModelManager(
+    new_manager = functools.partial(
+        DalleModelManager,
         load_config(args.config),
         device=args.device,
         log=lambda _: None,
         dtype=dtype,
         keep_resident=args.keep_resident,
     )
+    manager = new_manager()
     cuda = manager.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
@@ -378,14 +381,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.direct:
         managers["direct"] = manager
     if args.compile:
-        managers["compiled"] = DalleModelManager(
-            load_config(args.config),
-            device=args.device,
-            log=lambda _: None,
-            dtype=dtype,
-            keep_resident=args.keep_resident,
-            compile=True,
-        )
+        managers["compiled"] = new_manager(compile=True)
     runs = []
     for count in args.images:
         warmup = {}

@@ -38,10 +38,10 @@ from dalle2_pytorch import DecoderTrainer, DiffusionPriorTrainer  # noqa: E402
 from dalle2_pytorch.trackers import Tracker  # noqa: E402
 from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # noqa: E402
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
+from dalle2_cli.images import to_pil  # noqa: E402
 from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,11 +168,8 @@ class Probe:
     by dalle2_cli.shapes.judge on colour, shape and background. Shape is what the base learns last."""
 
     def __init__(self, clip, count: int = 48, seed: int = 4321, sample_steps: int = 25):
-        rng = random.Random(seed)
-        self.scenes = [random_scene(rng) for _ in range(count)]
-        images = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in self.scenes])
-        with torch.no_grad():
-            self.image_embeds = clip.embed_image(images.float() / 255)[0]
+        self.scenes = Pool(count, seed)
+        self.scenes.embed_images(clip)
         self.sample_steps = sample_steps
 
     def __call__(self, trainer: DecoderTrainer) -> str:
@@ -181,16 +178,17 @@ class Probe:
         cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         with torch.random.fork_rng(devices=cuda):  # training draws the same noise with or without probes
             torch.manual_seed(1)
-            images = trainer.sample(image_embed=self.image_embeds, stop_at_unet_number=1)
+            images = trainer.sample(image_embed=self.scenes.image_embeds, stop_at_unet_number=1)
         decoder.sample_timesteps = saved_steps
         right = {"colour": 0, "shape": 0, "background": 0}
-        for scene, image in zip(self.scenes, images.clamp(0, 1).mul(255).round().byte().cpu(), strict=True):
-            verdict = judge(Image.fromarray(image.permute(1, 2, 0).numpy()))
-            right["colour"] += verdict.color == scene.color
-            right["shape"] += verdict.shape == scene.shape
-            right["background"] += verdict.background == scene.background
-        figures = ", ".join(f"{name} {100 * n / len(self.scenes):.0f} %" for name, n in right.items())
-        return f"probe ({len(self.scenes)} held-out scenes, {self.sample_steps} steps): {figures}"
+        for (color, shape, background), image in zip(self.scenes.keys, images, strict=True):
+            verdict = judge(to_pil(image))
+            right["colour"] += verdict.color == color
+            right["shape"] += verdict.shape == shape
+            right["background"] += verdict.background == background
+        count = len(self.scenes.keys)
+        figures = ", ".join(f"{name} {100 * n / count:.0f} %" for name, n in right.items())
+        return f"probe ({count} held-out scenes, {self.sample_steps} steps): {figures}"
 
 
 def log(stage: str, step: int, total: int, loss: float, started: float, first: int = 0) -> None:
