@@ -34,6 +34,7 @@ import open_clip  # noqa: E402
 import packaging.version  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
 from dalle2_pytorch import DecoderTrainer, DiffusionPriorTrainer  # noqa: E402
 from dalle2_pytorch.trackers import Tracker  # noqa: E402
 from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # noqa: E402
@@ -123,6 +124,11 @@ class Plan:
     batch: int = 32
     clip_batch: int = 128
     prior_batch: int = 128
+    precision: str = "fp32"  # or "bf16": the trainers' forward passes under bfloat16 autocast
+
+    def accelerator(self) -> Accelerator:
+        """The trainers' accelerator (accelerate keeps one state per process: every stage shares it)."""
+        return Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no")
 
     def scaled(self, factor: float) -> Plan:
         steps = {
@@ -278,11 +284,11 @@ def clip_adapter(model: open_clip.CLIP) -> PrebuiltOpenClipAdapter:
 # -- prior and decoders, through dalle2-pytorch's trainers ---------------------------------------
 
 
-def full_config(section: str, model: dict, steps: int, batch: int) -> dict:
+def full_config(section: str, model: dict, steps: int, batch: int, precision: str) -> dict:
     """The embedded training config, shaped like dalle2-pytorch's train configs."""
     return {
         section: model,
-        "train": {"use_ema": True, "steps": steps, "batch_size": batch},
+        "train": {"use_ema": True, "steps": steps, "batch_size": batch, "precision": precision},
         "data": {"source": "dalle2_cli.shapes (procedural)", "image_size": 64},
         "tracker": {"log": {"log_type": "console"}, "save": {"save_to": "local"}},
     }
@@ -340,7 +346,14 @@ def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, cli
     torch.manual_seed(seed)
     prior = DiffusionPriorConfig(**PRIOR).create()
     trainer = DiffusionPriorTrainer(
-        prior, lr=3e-4, wd=1e-2, max_grad_norm=1.0, ema_beta=0.99, ema_update_after_step=50, ema_update_every=1
+        prior,
+        accelerator=plan.accelerator(),
+        lr=3e-4,
+        wd=1e-2,
+        max_grad_norm=1.0,
+        ema_beta=0.99,
+        ema_update_after_step=50,
+        ema_update_every=1,
     )
 
     def step(batch_seed: int) -> float:
@@ -353,7 +366,9 @@ def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, cli
         return loss
 
     run_trainer(stage, trainer, plan.prior_steps, step, resume)
-    save_model_file(trainer, out / "prior.pth", full_config("prior", PRIOR, plan.prior_steps, plan.prior_batch))
+    save_model_file(
+        trainer, out / "prior.pth", full_config("prior", PRIOR, plan.prior_steps, plan.prior_batch, plan.precision)
+    )
 
 
 def train_decoder(
@@ -375,6 +390,7 @@ def train_decoder(
     decoder = DecoderConfig(**decoder_config).create()
     trainer = DecoderTrainer(
         decoder,
+        accelerator=plan.accelerator(),
         lr=1e-3,
         wd=1e-2,
         warmup_steps=100,
@@ -393,7 +409,9 @@ def train_decoder(
 
     check = functools.partial(probe, trainer) if probe and probe_every > 0 else None
     run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number, probe=check, probe_every=probe_every)
-    save_model_file(trainer, out / f"{name}.pth", full_config("decoder", decoder_config, steps, plan.batch))
+    save_model_file(
+        trainer, out / f"{name}.pth", full_config("decoder", decoder_config, steps, plan.batch, plan.precision)
+    )
 
 
 def parse_steps(entries: list[str], parser: argparse.ArgumentParser) -> dict[str, int]:
@@ -434,10 +452,17 @@ def main() -> None:
         metavar="N",
         help="every N base-decoder steps (and at its last), print how its samples of held-out scenes are judged",
     )
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default=Plan.precision,
+        help="the prior's and decoders' forward passes: bf16 autocast is about 1.9x faster a step on a CPU with "
+        "AVX512-BF16 (weights and optimizer stay fp32)",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    plan = Plan().scaled(args.scale).with_steps(parse_steps(args.steps, parser))
+    plan = Plan(precision=args.precision).scaled(args.scale).with_steps(parse_steps(args.steps, parser))
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work_dir / f"seed{args.seed}"  # a later --resume with a larger --scale trains on
     if not args.resume and work.exists() and any(work.iterdir()):

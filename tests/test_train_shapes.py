@@ -86,3 +86,22 @@ def test_a_bad_steps_override_is_refused(tmp_path):
     result = train("--out", str(tmp_path), "--work-dir", str(tmp_path / "work"), "--steps", "decoder=5")
     assert result.returncode == 2
     assert "--steps decoder=5: give STAGE=N" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bf16_precision_trains_under_autocast_and_records_it(tmp_path):
+    """--precision bf16 changes the computation (other weights than fp32 from the same seed) and
+    is written into each trained file's embedded training config."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        result = train(
+            "--out", str(out), "--work-dir", str(tmp_path / f"work-{precision}"),
+            "--stages", "clip,prior,decoder-base", "--steps", "decoder-base=3", "--precision", precision,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        for name in ("prior.pth", "decoder-base.pth"):
+            assert read_checkpoint(out / name).config["train"]["precision"] == precision
+        runs[precision] = read_checkpoint(out / "decoder-base.pth").state_dict
+    fp32, bf16 = runs["fp32"], runs["bf16"]
+    assert fp32.keys() == bf16.keys()
+    assert any(not torch.equal(fp32[key], bf16[key]) for key in fp32)
