@@ -407,7 +407,7 @@ def train_decoder(
         trainer.update(unet_number)
         return loss
 
-    check = functools.partial(probe, trainer) if probe and probe_every > 0 else None
+    check = functools.partial(probe, trainer) if probe else None  # main builds one only with --probe-every
     run_trainer(stage, trainer, steps, step, resume, unet_number=unet_number, probe=check, probe_every=probe_every)
     save_model_file(
         trainer, out / f"{name}.pth", full_config("decoder", decoder_config, steps, plan.batch, plan.precision)
