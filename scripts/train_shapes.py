@@ -41,6 +41,7 @@ from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # 
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from dalle2_cli.atomic import atomic_path  # noqa: E402
 from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
 from dalle2_cli.images import to_pil  # noqa: E402
 from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
@@ -261,10 +262,10 @@ def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> o
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == plan.clip_steps - 1:
             log("clip", step + 1, plan.clip_steps, loss.item(), started)
-        if stage.due():
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, state_file)
+        if stage.due() or step == plan.clip_steps - 1:
+            with atomic_path(state_file) as tmp:  # a decoder run beside this one may be reading it
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, tmp)
             stage.last_save = time.time()
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": plan.clip_steps}, state_file)
     return model.eval()
 
 
@@ -318,10 +319,10 @@ def run_trainer(
             log(stage.name, step + 1, steps, loss, started, first=start)
         if probe and ((step + 1) % probe_every == 0 or step == steps - 1):
             print(f"[{stage.name}] step {step + 1} {probe()}", flush=True)
-        if stage.due():
-            trainer.save(str(checkpoint))
+        if stage.due() or step == steps - 1:
+            with atomic_path(checkpoint) as tmp:  # a kill mid-save leaves the last checkpoint whole
+                trainer.save(str(tmp))
             stage.last_save = time.time()
-    trainer.save(str(checkpoint))
 
 
 def save_model_file(trainer, path: Path, config: dict) -> None:
@@ -329,16 +330,15 @@ def save_model_file(trainer, path: Path, config: dict) -> None:
     the noise-schedule buffers stay fp32, where half precision would change sampling."""
     tracker = Tracker(data_path=str(path.parent / ".tracker"), dummy_mode=True)
     tracker.save_metadata = {"version": packaging.version.parse(DALLE2_VERSION), "config": config}
-    tmp = path.with_suffix(".tmp")
-    tracker._save_state_dict(trainer, "model", str(tmp))
-    with torch.serialization.safe_globals([packaging.version.Version]):
-        saved = torch.load(tmp, weights_only=True)
-    saved["model"] = {
-        k: v.half() if v.is_floating_point() and not k.startswith(("noise_scheduler", "noise_schedulers")) else v
-        for k, v in saved["model"].items()
-    }
-    torch.save(saved, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tracker._save_state_dict(trainer, "model", str(tmp))
+        with torch.serialization.safe_globals([packaging.version.Version]):
+            saved = torch.load(tmp, weights_only=True)
+        saved["model"] = {
+            k: v.half() if v.is_floating_point() and not k.startswith(("noise_scheduler", "noise_schedulers")) else v
+            for k, v in saved["model"].items()
+        }
+        torch.save(saved, tmp)
 
 
 def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, clip, out: Path) -> None:

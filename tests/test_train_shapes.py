@@ -50,8 +50,13 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
 
     again = train("--out", str(out), "--work-dir", str(work))
     assert again.returncode != 0 and "--resume" in again.stderr  # an earlier run is never overwritten
+    clip_state = work / "seed0" / "clip" / "state.pt"
+    finished_clip = clip_state.read_bytes()
+    clip_state.touch()  # a resumed run must not rewrite a finished stage: a run beside it may be reading
+    touched = clip_state.stat().st_mtime_ns
     resumed = train("--out", str(out), "--work-dir", str(work), "--resume")
     assert resumed.returncode == 0, resumed.stderr
+    assert clip_state.stat().st_mtime_ns == touched and clip_state.read_bytes() == finished_clip
     assert "[prior] resumed at step" in resumed.stdout and "[decoder-base] resumed at step" in resumed.stdout
 
 
