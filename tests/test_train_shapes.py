@@ -75,7 +75,7 @@ def test_steps_override_and_probes_that_leave_training_unchanged(tmp_path):
         runs[name] = (result.stdout, read_checkpoint(out / "decoder-base.pth").state_dict)
 
     probes = re.findall(
-        r"\[decoder-base\] step (\d+) probe \(48 held-out scenes, 25 steps\): "
+        r"\[decoder-base\] step (\d+) probe \(48 held-out scenes, 25 steps, guidance 3\): "
         r"colour (\d+) %, shape (\d+) %, background (\d+) %",
         runs["probed"][0],
     )
