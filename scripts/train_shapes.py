@@ -110,11 +110,12 @@ BASE = {
     "predict_x_start": True,
 }
 BASE_COND_SCALE = 3.0  # configs/shapes.json's decoder guidance for the base: shape needs it
+# The upsampler trains on whole images: trained on 32 px crops it rounded the corners of squares
+# (drawn squares through it judged square 55-62 %, against 92 % after 600 whole-image steps).
 UPSAMPLER = {
     "unets": [PLACEHOLDER_UNET, UPSAMPLER_UNET],
     "image_sizes": [16, 64],
     "timesteps": TIMESTEPS,
-    "random_crop_sizes": [None, 32],
     "predict_x_start": [True, True],
 }
 
@@ -125,7 +126,7 @@ class Plan:
     clip_steps: int = 1000
     prior_steps: int = 4000
     base_steps: int = 20000
-    upsampler_steps: int = 3000
+    upsampler_steps: int = 2000
     batch: int = 32
     clip_batch: int = 128
     prior_batch: int = 128

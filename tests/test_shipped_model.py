@@ -3,7 +3,7 @@
 Its quality over every caption is measured by scripts/eval_shapes.py (figures in the README);
 here one image per task is judged from its pixels by the same judge. The model draws colours,
 backgrounds, circles and triangles, but its squares come out with rounded corners (judged
-square 40-44 % of the time): the shape check of a square's variation is expected to fail
+square 44-50 % of the time): the shape check of a square's variation is expected to fail
 (strictly, so that it must be turned into a plain test once the model draws squares).
 """
 
@@ -66,7 +66,7 @@ def test_variation_keeps_colour_and_background(variation_of_a_square):
 
 
 @pytest.mark.xfail(
-    strict=True, reason="issue 3 is open: the upsampler rounds the corners of squares (squares judged right 40-44 %)"
+    strict=True, reason="issue 3 is open: the upsampler rounds the corners of squares (squares judged right 44-50 %)"
 )
 def test_variation_keeps_shape(variation_of_a_square):
     assert judge(variation_of_a_square).shape == "square"
