@@ -43,6 +43,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from dalle2_cli.atomic import atomic_path  # noqa: E402
 from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
+from dalle2_cli.config import load_config  # noqa: E402
 from dalle2_cli.images import to_pil  # noqa: E402
 from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
 
@@ -109,7 +110,8 @@ BASE = {
     "image_cond_drop_prob": 0.1,
     "predict_x_start": True,
 }
-BASE_COND_SCALE = 3.0  # configs/shapes.json's decoder guidance for the base: shape needs it
+# The probe samples the base at the guidance configs/shapes.json ships: shape needs it.
+BASE_COND_SCALE = load_config("shapes").decoder.unet_sources[0].default_cond_scale[0]
 # The upsampler trains on whole images: trained on 32 px crops it rounded the corners of squares
 # (drawn squares through it judged square 55-62 %, against 92 % after 600 whole-image steps).
 UPSAMPLER = {
@@ -227,8 +229,13 @@ class Stage:
     def step_seed(self, step: int) -> int:
         return zlib.crc32(f"{self.name}/{self.seed}/{step}".encode())  # str hash() varies per process
 
-    def due(self) -> bool:
-        return time.time() - self.last_save > self.save_every_s
+    def save(self, path: Path, write: Callable[[Path], None], last: bool) -> None:
+        """At the last step and every few minutes: `write` a temporary file, renamed to `path`
+        when whole (a run beside this one may be reading it, a kill may come mid-save)."""
+        if last or time.time() - self.last_save > self.save_every_s:
+            with atomic_path(path) as tmp:
+                write(tmp)
+            self.last_save = time.time()
 
 
 # -- CLIP ----------------------------------------------------------------------------------------
@@ -272,11 +279,13 @@ def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> o
             model.logit_scale.clamp_(0, math.log(100))
         if step % 50 == 0 or step == plan.clip_steps - 1:
             log("clip", step + 1, plan.clip_steps, loss.item(), started)
-        if stage.due() or step == plan.clip_steps - 1:
-            with atomic_path(state_file) as tmp:  # a decoder run beside this one may be reading it
-                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, tmp)
-            stage.last_save = time.time()
+        last = step == plan.clip_steps - 1
+        stage.save(state_file, lambda tmp, done=step + 1: torch.save(clip_state(model, optimizer, done), tmp), last)
     return model.eval()
+
+
+def clip_state(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, step: int) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
 
 
 def _normalize():
@@ -329,10 +338,7 @@ def run_trainer(
             log(stage.name, step + 1, steps, loss, started, first=start)
         if probe and ((step + 1) % probe_every == 0 or step == steps - 1):
             print(f"[{stage.name}] step {step + 1} {probe()}", flush=True)
-        if stage.due() or step == steps - 1:
-            with atomic_path(checkpoint) as tmp:  # a kill mid-save leaves the last checkpoint whole
-                trainer.save(str(tmp))
-            stage.last_save = time.time()
+        stage.save(checkpoint, lambda tmp: trainer.save(str(tmp)), last=step == steps - 1)
 
 
 def save_model_file(trainer, path: Path, config: dict) -> None:
