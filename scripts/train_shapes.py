@@ -493,10 +493,8 @@ def main() -> None:
     model = train_clip(plan, pool, work, args.seed, args.resume)  # the decoders need it too
     if "clip" in stages:
         weights = model.state_dict().items()
-        save_file(
-            {k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights},
-            str(args.out / "clip.safetensors"),
-        )
+        with atomic_path(args.out / "clip.safetensors") as tmp:
+            save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights}, tmp)
     clip = clip_adapter(model)
     pool.embed_images(clip)
     if "prior" in stages:

@@ -4,6 +4,7 @@ config like the shipped one, and an interrupted run resumes."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -39,6 +40,11 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
         "decoder-base.pth",
         "decoder-upsampler.pth",
     }
+    # Written under a private temporary name, then given the mode any new file gets: a model
+    # trained on a shared machine is readable by whom the umask allows.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~umask for p in out.iterdir()}
 
     # The shipped config, pointed at these files, loads every stage strictly.
     shipped = json.loads((ROOT / "configs" / "shapes.json").read_text())
