@@ -1,10 +1,7 @@
 """The shipped shapes model, as a new user runs it: no --config, offline, on CPU.
 
 Its quality over every caption is measured by scripts/eval_shapes.py (figures in the README);
-here one image per task is judged from its pixels by the same judge. The model draws colours,
-backgrounds, circles and triangles, but its squares come out with rounded corners (judged
-square 44-50 % of the time): the shape check of a square's variation is expected to fail
-(strictly, so that it must be turned into a plain test once the model draws squares).
+here one image per task is judged from its pixels by the same judge.
 """
 
 from __future__ import annotations
@@ -65,9 +62,6 @@ def test_variation_keeps_colour_and_background(variation_of_a_square):
     assert (verdict.color, verdict.background) == ("blue", "yellow"), verdict
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 3 is open: the upsampler rounds the corners of squares (squares judged right 44-50 %)"
-)
 def test_variation_keeps_shape(variation_of_a_square):
     assert judge(variation_of_a_square).shape == "square"
 
