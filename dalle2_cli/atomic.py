@@ -21,7 +21,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
         yield Path(tmp)
         # mkstemp makes the file private (0600); the finished file gets the mode any new file
         # would, so that images on a shared cluster are readable by whom the umask allows.
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)  # gone already after a successful rename
@@ -36,7 +36,7 @@ def remove_leftovers(directory: Path, names: set[str]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it
     os.umask(mask)
     return mask

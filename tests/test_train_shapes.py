@@ -4,7 +4,6 @@ config like the shipped one, and an interrupted run resumes."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from dalle2_cli.atomic import current_umask
 from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import PACKAGE_DIR, load_config
 from dalle2_cli.manager import DalleModelManager
@@ -42,9 +42,8 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
     }
     # Written under a private temporary name, then given the mode any new file gets: a model
     # trained on a shared machine is readable by whom the umask allows.
-    umask = os.umask(0)
-    os.umask(umask)
-    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~umask for p in out.iterdir()}
+    new_file_mode = 0o666 & ~current_umask()
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: new_file_mode for p in out.iterdir()}
 
     # The shipped config, pointed at these files, loads every stage strictly.
     shipped = json.loads((ROOT / "configs" / "shapes.json").read_text())
