@@ -16,7 +16,7 @@ import pickle
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,16 +42,23 @@ class Checkpoint:
     version: str | None = None
     weights: str = "raw"  # "ema" when the weights picked are the averaged (EMA) ones
     has_ema: bool = False  # whether the file holds EMA weights at all
+    # What the file pickles beside its weights (a scheduler, an optimizer), never built.
+    set_aside: list[str] = field(default_factory=list)
+
+
+# Keys of a trainer's save besides the weights: their presence tells a trainer checkpoint from
+# the tracker's model save (which holds only `model` and the tracker's metadata).
+TRAINER_KEYS = ("optimizer", "optim0", "scheduler", "sched0", "step", "steps")
 
 
 def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cpu") -> Checkpoint:
     path = Path(path)
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
-    raw = _torch_load(path, map_location)
+    raw, inert = _torch_load(path, map_location)
     if not isinstance(raw, dict):
         raise InputError(f"{path} is not a model checkpoint (it holds a {type(raw).__name__})")
-    version = str(raw["version"]) if "version" in raw else None
+    version = str(raw["version"]) if "version" in raw and not _is_inert(raw["version"]) else None
     config = raw.get("config") if isinstance(raw.get("config"), dict) else None
 
     has_ema = False
@@ -66,46 +73,140 @@ def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cp
             fmt, has_ema = "DecoderTrainer checkpoint", True
             if prefer_ema:
                 state_dict, weights = _swap_in_decoder_ema(state_dict, raw[DECODER_EMA]), "ema"
-        elif config is not None:
-            fmt = "tracker model save"
-            has_ema = _trained_with_ema(config)  # the tracker saves the EMA weights in place
-            weights = "ema" if has_ema else "raw"
+        elif any(key in raw for key in TRAINER_KEYS):
+            fmt = "trainer checkpoint"  # a trainer's save without EMA: trained without it
         else:
-            fmt = "trainer checkpoint"
+            # The tracker's model save swaps the EMA weights in when training used EMA, which
+            # is dalle2-pytorch's default; only an embedded config can say it was off.
+            fmt = "tracker model save"
+            has_ema = _trained_with_ema(config)
+            weights = "ema" if has_ema else "raw"
     elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         state_dict, fmt, weights = raw, "state dict", "raw"
+    elif isinstance(raw.get("state_dict"), dict):
+        # A checkpoint of open_clip's (and other) trainers: the weights under `state_dict`, with
+        # DistributedDataParallel's `module.` prefix when saved from several GPUs.
+        state_dict = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
+        fmt, weights = "training checkpoint (state_dict)", "raw"
     else:
-        keys = ", ".join(list(raw)[:6])
+        keys = ", ".join(str(key)[:40] for key in list(raw)[:6])
         raise InputError(f"{path} is not a DALLE2-pytorch checkpoint (its keys: {keys})")
 
-    return Checkpoint(path, strip_clip(state_dict), fmt, config, version, weights, has_ema)
+    _refuse_objects_in_weights(path, state_dict)
+    checkpoint = Checkpoint(path, strip_clip(state_dict), fmt, config, version, weights, has_ema)
+    checkpoint.set_aside = sorted({obj.pickled_as for obj in inert})
+    return checkpoint
 
 
-def _torch_load(path: Path, map_location: str) -> Any:
-    # DiffusionPriorTrainer pickles `version` as a packaging Version: the one class we allow.
-    with torch.serialization.safe_globals([packaging.version.Version]):
+class _InertType(type):
+    """The type of the stand-ins: calling one (as a pickle calls a function or a class) gives
+    the stand-in back, so that whatever the pickle does next with the result stays inert."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> type:
+        if cls.instances is not None:
+            cls.instances.append(cls)
+        return cls
+
+
+class Inert(metaclass=_InertType):
+    """Stands in for a class or function a checkpoint pickles beside its weights (a learning-rate
+    scheduler, an optimizer): it runs no code of the file's, keeps nothing, and is never what
+    it stands for. `pickled_as` names that."""
+
+    pickled_as = "?"
+    instances: list | None = None  # what was made while reading one file
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Inert:
+        instance = object.__new__(cls)
+        if cls.instances is not None:
+            cls.instances.append(instance)
+        return instance
+
+    # Static, so that the unpickler may set state on a stand-in class or an instance alike.
+    __setstate__ = staticmethod(lambda *state: None)
+
+    def __repr__(self) -> str:
+        return f"<{self.pickled_as}, not loaded>"
+
+
+def _is_inert(value: Any) -> bool:
+    return isinstance(value, Inert | _InertType)
+
+
+def _empty_dict(*args: Any, **kwargs: Any) -> dict:
+    return {}
+
+
+def _plain_dict(*args: Any, **kwargs: Any) -> dict:
+    return dict(*args, **kwargs)
+
+
+# Mappings are filled by the unpickler only when they are plain dicts: these names are read
+# as dicts (a defaultdict's factory is dropped; nothing of the file's is called).
+DICT_STAND_INS = {"builtins.dict": _plain_dict, "collections.defaultdict": _empty_dict}
+
+
+def _inert_stand_ins(path: Path, made: list) -> list[tuple[Any, str]]:
+    """A stand-in for every global of the file that torch's weights-only reader refuses
+    (except `packaging.version.Version`, which DiffusionPriorTrainer pickles as the version and
+    which is safe to build). A stand-in never calls what it stands for, whatever that is (torch
+    itself refuses names from os, sys and the like before any stand-in is asked)."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - old (non-zip) files cannot be listed: read them as they are
+        return []
+    stand_ins: list[tuple[Any, str]] = [(_InertType, f"{__name__}._InertType")]
+    for name in names:
+        if name in DICT_STAND_INS:
+            stand_ins.append((DICT_STAND_INS[name], name))
+        elif name != "packaging.version.Version":
+            stand_in = type(name.rsplit(".", 1)[-1], (Inert,), {"pickled_as": name, "instances": made})
+            stand_ins.append((stand_in, name))
+    return stand_ins
+
+
+def _refuse_objects_in_weights(path: Path, state_dict: dict[str, Any]) -> None:
+    """Weights are tensors (an EMA wrapper's `step` and `initted` too): anything else there is a
+    pickled object that loading would need code for."""
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            kind = value.pickled_as if _is_inert(value) else type(value).__name__
+            raise InputError(
+                f"refusing to load {path}: its weights hold a pickled Python object ({kind} at {str(key)[:80]}) "
+                "that could run code; re-save its tensors as a plain state dict or safetensors"
+            )
+
+
+def _torch_load(path: Path, map_location: str) -> tuple[Any, list]:
+    """The file's contents, read with torch's weights-only unpickler, and the stand-ins made
+    for the objects it pickles beside its weights."""
+    made: list = []
+    allowed = [packaging.version.Version, *_inert_stand_ins(path, made)]
+    with torch.serialization.safe_globals(allowed):
         try:
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=True), made
         except RuntimeError as error:
             if "mmap" not in str(error):  # old (non-zip) files cannot be memory-mapped
                 raise _unreadable(path, error) from None
-        except (pickle.UnpicklingError, EOFError, ValueError) as error:
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
             raise _unreadable(path, error) from None
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as error:
+            return torch.load(path, map_location=map_location, weights_only=True), made
+        except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
             raise _unreadable(path, error) from None
 
 
 def _unreadable(path: Path, error: Exception) -> InputError:
     text = str(error)
-    found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    found = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", text)
     if found:
+        name = found.group(1) or found.group(2)
         return InputError(
-            f"refusing to load {path}: it holds a pickled Python object ({found.group(1)}) that could "
-            "run code; re-save its tensors as a plain state dict or safetensors"
+            f"refusing to load {path}: it holds a pickled Python object ({name}) that could run code; "
+            "re-save its tensors as a plain state dict or safetensors"
         )
-    detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), text.splitlines()[0])
+    lines = [line.strip() for line in text.splitlines() if line.strip()] or [type(error).__name__]
+    detail = next((line for line in lines if "Unsupported" in line), lines[0])
     return InputError(f"cannot read {path} as a PyTorch checkpoint: {detail[:200]}")
 
 
@@ -136,8 +237,10 @@ def _swap_in_decoder_ema(model: dict[str, torch.Tensor], ema: dict[str, Any]) ->
     return swapped
 
 
-def _trained_with_ema(config: dict[str, Any]) -> bool:
-    return bool(config.get("train", {}).get("use_ema", False))
+def _trained_with_ema(config: dict[str, Any] | None) -> bool:
+    """dalle2-pytorch's trainers and training configs use EMA unless told not to."""
+    train = (config or {}).get("train")
+    return bool(train.get("use_ema", True)) if isinstance(train, dict) else True
 
 
 def stage_of(keys: list[str]) -> str:

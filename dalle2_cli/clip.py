@@ -129,7 +129,8 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> 
             raise InputError(f"clip.architecture is not an open_clip model config: {error}") from None
     else:
         pretrained = None
-        if config.load_model_from is None:
+        weights_file = config.pretrained is not None and Path(config.pretrained).expanduser().exists()
+        if config.load_model_from is None and not weights_file:
             tags = open_clip.list_pretrained_tags_by_model(config.model)
             pretrained = config.pretrained or (tags[0] if tags else None)
         try:
@@ -137,6 +138,10 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> 
         except (RuntimeError, OSError) as error:
             message = f"open_clip cannot build {config.model!r}: {_first_line(error)}"
             raise InputError(message + _offline_hint()) from None
+        if weights_file:
+            # A path given as `pretrained` is read here, never by open_clip's own torch.load.
+            local = File(load_type="local", path=str(Path(config.pretrained).expanduser()))
+            _load_file(model, local, resolve, strict, map_location)
     if config.load_model_from is not None:
         _load_file(model, config.load_model_from, resolve, strict, map_location)
     mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN

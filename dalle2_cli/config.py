@@ -6,25 +6,46 @@ files. Every model file is a `File`: a local path or a url, with optional checks
 
 from __future__ import annotations
 
-import json
+import difflib
 import re
+import types
+import typing
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import ConfigWarning, InputError
+from dalle2_cli.textfiles import parse_json, read_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_SCHEME = "package://"
+MAX_UNETS = 16  # dalle2-pytorch cascades have 1-4; this only keeps a typo from allocating millions
+MAX_NAME_BYTES = 255  # the longest file name common filesystems take
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+UnetNumber = Annotated[int, Field(ge=1, le=MAX_UNETS)]
 
 
-class _Strict(BaseModel):
-    # A typo in a config key should be an error, not a silently ignored setting.
+class _Section(BaseModel):
+    # Python callers get an error for a key that is not a field; a config read from JSON has
+    # its unknown keys set aside with a warning first (see `_set_aside_unknown_keys`).
     model_config = ConfigDict(extra="forbid")
 
+    # Keys accepted under another name: {other name: field}.
+    ALIASES: typing.ClassVar[dict[str, str]] = {}
 
-class File(_Strict):
+
+class File(_Section):
     """One model or config file: `local` (a path) or `url` (downloaded into a cache).
 
     A `url` is http(s), or a Hugging Face hub file (`hf://ORG/REPO/PATH[@REV]` or a
@@ -32,7 +53,7 @@ class File(_Strict):
     `cache_dir`, `filename_override` and `checksum_file_path` are not needed and not used."""
 
     load_type: Literal["local", "url"]
-    path: str
+    path: str = Field(min_length=1)
     checksum_file_path: str | None = None
     cache_dir: str | None = None
     filename_override: str | None = None
@@ -50,13 +71,15 @@ class File(_Strict):
     def _plain_name(cls, value: str | None) -> str | None:
         if value is not None and (not value or "/" in value or "\\" in value or "\0" in value or value in (".", "..")):
             raise ValueError("must be a plain file name, without directories")
+        if value is not None and len(value.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"is {len(value.encode())} bytes long; file names can be at most {MAX_NAME_BYTES}")
         return value
 
     @model_validator(mode="after")
     def _url_scheme(self) -> File:
         # Only http(s), and Hugging Face hub files (fetched over https by huggingface_hub).
         if self.load_type == "url" and not re.match(r"(https?|hf)://", self.path):
-            raise ValueError(f"url files need an http://, https:// or hf:// path, got {self.path!r}")
+            raise ValueError(f"url files need an http://, https:// or hf:// path, got {self.path[:200]!r}")
         return self
 
     def resolve_relative_to(self, base_dir: Path) -> File:
@@ -70,52 +93,63 @@ class File(_Strict):
         return self.model_copy(update={"path": str(path)})
 
 
-class ClipConfig(_Strict):
+class ClipConfig(_Section):
     """Which CLIP to use, and where its weights come from.
 
-    `make` and `model` are dalle2-laion's (`openai` + `ViT-L/14` downloads from OpenAI).
-    `architecture` describes a model that has no name: an open_clip model config
-    (`embed_dim`, `vision_cfg`, `text_cfg`) or the keyword arguments of x-clip's / CoCa's
-    constructor. `load_model_from` loads the weights from a file instead of the internet.
+    dalle2-pytorch's `AdapterConfig` is a valid ClipConfig: `make` (default `openai`), `model`
+    (default `ViT-L/14`; `openai` downloads it from OpenAI) and `base_model_kwargs` (x-clip's
+    or CoCa's constructor arguments), which is read as `architecture`. `architecture` also
+    describes an open_clip model that has no name (`embed_dim`, `vision_cfg`, `text_cfg`).
+    `load_model_from` loads the weights from a file instead of the internet.
     """
 
+    ALIASES: typing.ClassVar[dict[str, str]] = {"base_model_kwargs": "architecture"}
+
     make: Literal["openai", "open_clip", "x-clip", "coca"] = "openai"
-    model: str | None = None
+    model: str = "ViT-L/14"
     pretrained: str | None = None
     architecture: dict[str, Any] | None = None
     load_model_from: File | None = None
     adapter_overrides: dict[str, Any] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _dalle2_pytorch_spelling(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "base_model_kwargs" in data:
+            data = dict(data)
+            kwargs = data.pop("base_model_kwargs")
+            if data.get("architecture") is not None and kwargs is not None:
+                raise ValueError("give 'architecture' or 'base_model_kwargs' (dalle2-pytorch's name for it), not both")
+            if kwargs is not None:
+                data["architecture"] = kwargs
+        return data
+
     @model_validator(mode="after")
     def _enough_to_build(self) -> ClipConfig:
         if self.make in ("x-clip", "coca") and self.architecture is None:
             raise ValueError(f"make {self.make!r} needs an 'architecture' (the model's arguments)")
-        if self.make in ("openai", "open_clip") and not (self.model or self.architecture):
-            raise ValueError(f"make {self.make!r} needs a 'model' name or an 'architecture'")
         if self.make == "openai" and self.architecture is not None:
             raise ValueError("make 'openai' takes a 'model' name, not an 'architecture'")
         return self
 
 
-class PriorLoadConfig(_Strict):
+class PriorLoadConfig(_Section):
     load_model_from: File
     load_config_from: File | None = None
     default_sample_timesteps: int | None = Field(default=None, gt=0)
-    default_cond_scale: float | None = None
+    default_cond_scale: FiniteFloat | None = None
 
 
-class SingleDecoderLoadConfig(_Strict):
+class SingleDecoderLoadConfig(_Section):
     load_model_from: File
     load_config_from: File | None = None
-    unet_numbers: list[int] = Field(min_length=1)
+    unet_numbers: list[UnetNumber] = Field(min_length=1, max_length=MAX_UNETS)
     default_sample_timesteps: list[int] | None = None
-    default_cond_scale: list[float] | None = None
+    default_cond_scale: list[FiniteFloat] | None = None
 
     @field_validator("unet_numbers")
     @classmethod
-    def _positive(cls, numbers: list[int]) -> list[int]:
-        if any(n < 1 for n in numbers):
-            raise ValueError("unet numbers start at 1")
+    def _once_each(cls, numbers: list[int]) -> list[int]:
         if len(set(numbers)) != len(numbers):
             raise ValueError("a unet number is listed twice")
         return numbers
@@ -139,8 +173,11 @@ class SingleDecoderLoadConfig(_Strict):
         return self
 
 
-class DecoderLoadConfig(_Strict):
-    unet_sources: list[SingleDecoderLoadConfig] = Field(min_length=1)
+class DecoderLoadConfig(_Section):
+    unet_sources: list[SingleDecoderLoadConfig] = Field(min_length=1, max_length=MAX_UNETS)
+    # dalle2-laion computes this (the last unet's number) and its scripts read it; a value in
+    # the file is accepted and replaced by the computed one, as dalle2-laion does.
+    final_unet_number: int | None = None
 
     @field_validator("unet_sources")
     @classmethod
@@ -158,12 +195,25 @@ class DecoderLoadConfig(_Strict):
             raise ValueError(f"no source gives unet(s) {missing}: cover 1..{max(seen)} exactly once")
         return sources
 
+    @model_validator(mode="after")
+    def _final_unet(self) -> DecoderLoadConfig:
+        self.final_unet_number = self.num_unets
+        return self
+
     @property
     def num_unets(self) -> int:
         return sum(len(s.unet_numbers) for s in self.unet_sources)
 
 
-class ModelLoadConfig(_Strict):
+class Vocabulary(_Section):
+    """The words a model was trained on, for a model that knows few (the shipped `shapes`): a
+    prompt with other words gets a warning naming them, and `summary` says what it knows."""
+
+    words: list[str] = Field(min_length=1)
+    summary: str = ""
+
+
+class ModelLoadConfig(_Section):
     """A whole DALL·E 2: CLIP, prior and decoder, and how to load them."""
 
     clip: ClipConfig | None = None
@@ -172,9 +222,22 @@ class ModelLoadConfig(_Strict):
     devices: str | list[str] | None = None
     load_on_cpu: bool = True
     strict_loading: bool = True
+    vocabulary: Vocabulary | None = None
 
     # Where the config came from: its local paths are relative to this directory.
     source_path: Path | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _set_aside_unknown_keys(cls, data: Any, info: ValidationInfo) -> Any:
+        """dalle2-laion ignored keys it did not know, so configs in the wild carry some: each is
+        dropped with a warning that names the nearest known key (a typo stays visible)."""
+        if not isinstance(data, dict):
+            return data
+        where = (info.context or {}).get("where") or str(data.get("source_path") or "config")
+        for message in _drop_unknown_keys(data := dict(data), cls, ""):
+            warnings.warn(f"{where}: {message}", ConfigWarning, stacklevel=2)
+        return data
 
     @field_validator("devices")
     @classmethod
@@ -195,27 +258,57 @@ class ModelLoadConfig(_Strict):
         if not isinstance(data, dict):
             raise InputError(f"{where}: a config is a JSON object, got {type(data).__name__}")
         try:
-            return cls.model_validate({**data, "source_path": source_path})
+            return cls.model_validate({**data, "source_path": source_path}, context={"where": where})
         except ValidationError as error:
             raise InputError(describe_validation_error(error, where)) from None
 
     @classmethod
     def from_json_path(cls, path: str | Path) -> ModelLoadConfig:
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except OSError as error:
-            raise InputError(f"cannot read config {path}: {error.strerror}") from None
-        except json.JSONDecodeError as error:
-            raise InputError(
-                f"config {path} is not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})"
-            ) from None
+        data = parse_json(read_text(path, "config"), f"config {path}")
         return cls.from_dict(data, source_path=path.resolve())
 
     @property
     def device(self) -> str | None:
         """The device named in the config (the first one when it lists several)."""
         return self.devices[0] if isinstance(self.devices, list) else self.devices
+
+
+def _section_types(annotation: Any) -> list[type[_Section]]:
+    """The config sections a field holds: `File | None` and `list[SingleDecoderLoadConfig]` too."""
+    if isinstance(annotation, type) and issubclass(annotation, _Section):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        return [found for arg in typing.get_args(annotation) for found in _section_types(arg)]
+    return []
+
+
+def _drop_unknown_keys(data: dict[str, Any], section: type[_Section], path: str) -> list[str]:
+    """Remove from `data` (in place, nested sections copied first) the keys `section` does not
+    know; one message per key removed."""
+    known = [*section.model_fields, *section.ALIASES]
+    messages = []
+    for key in list(data):
+        if key in known:
+            continue
+        del data[key]
+        near = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        messages.append(f"{path}{str(key)[:80]}: unknown key, ignored{hint}")
+    for name, field in section.model_fields.items():
+        kinds = _section_types(field.annotation)
+        value = data.get(name)
+        if not kinds or value is None:
+            continue
+        if isinstance(value, dict):
+            data[name] = value = dict(value)
+            messages += _drop_unknown_keys(value, kinds[0], f"{path}{name}.")
+        elif isinstance(value, list):
+            data[name] = value = [dict(item) if isinstance(item, dict) else item for item in value]
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    messages += _drop_unknown_keys(item, kinds[0], f"{path}{name}[{index}].")
+    return messages
 
 
 def _resolve_files(model: BaseModel, base: Path) -> None:
@@ -231,16 +324,17 @@ def _resolve_files(model: BaseModel, base: Path) -> None:
                     _resolve_files(item, base)
 
 
-def describe_validation_error(error: ValidationError, where: str) -> str:
-    """One line per problem: `where: field.path: what is wrong`."""
-    lines = []
+def describe_validation_error(error: ValidationError, where: str, most: int = 3) -> str:
+    """One line: `where: field.path: what is wrong`, for the first `most` problems."""
+    problems = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key (check its spelling)"
-        lines.append(f"{where}: {location}: {message}")
-    return "\n".join(lines)
+        problems.append(f"{location}: {message}")
+    more = f" (and {len(problems) - most} more)" if len(problems) > most else ""
+    return f"{where}: {'; '.join(problems[:most])}{more}"
 
 
 def config_dirs() -> list[Path]:
@@ -258,17 +352,18 @@ def available_configs() -> dict[str, Path]:
 def find_config(name_or_path: str) -> Path:
     """A config named by path, or by the name of a file in configs/ (with or without .json)."""
     path = Path(name_or_path).expanduser()
-    if path.is_file():
-        return path
     if path.is_dir():
         raise InputError(f"config {name_or_path} is a directory: give a .json file")
+    if path.exists():
+        return path  # a pipe or a device is refused, in a line, when it is read
     configs = available_configs()
-    if name_or_path in configs:
-        return configs[name_or_path]
-    if name_or_path.endswith(".json") and name_or_path[:-5] in configs:
-        return configs[name_or_path[:-5]]
-    known = ", ".join(configs) or "none"
-    raise InputError(f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs ({known})")
+    name = name_or_path.removesuffix(".json")
+    if name in configs:
+        return configs[name]
+    near = [known for known in configs if known.lower() == name.lower()]
+    near = near or difflib.get_close_matches(name, list(configs), n=1, cutoff=0.6)
+    hint = f"; did you mean {near[0]!r}?" if near else f" ({', '.join(configs) or 'none'})"
+    raise InputError(f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs{hint}")
 
 
 def load_config(name_or_path: str) -> ModelLoadConfig:

@@ -38,10 +38,11 @@ from pathlib import Path
 from typing import Any
 
 from dalle2_cli import __version__
-from dalle2_cli.atomic import atomic_path
-from dalle2_cli.config import File
+from dalle2_cli.atomic import atomic_path, remove_leftovers
+from dalle2_cli.config import MAX_NAME_BYTES, File
 from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.hub import download_hub_file, fetch_hint, parse_hub_url
+from dalle2_cli.textfiles import read_text, regular_file
 
 CHUNK = 1 << 20
 PARTIAL_DIR = ".partial"
@@ -95,27 +96,43 @@ def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("dalle2-cli"))
 
 
-def resolve_file(file: File, *, config_name: str | None = None, quiet: bool = False) -> Path:
-    """The local path of `file`, downloading it first if it is a url not cached (or changed).
+def resolve_file(
+    file: File, *, config_name: str | None = None, quiet: bool = False, check_updates: bool = True
+) -> Path:
+    """The local path of `file`, downloading it first if it is a url not cached (or changed),
+    and checked: every model file is hashed (once per process) and compared with what is known
+    of it (the config's sha256, the digest recorded at download, the hub's), so that a file
+    whose bytes changed on disk is never used as if it were the one expected.
 
     `config_name` only improves messages (how to fetch a file missing offline); `quiet`
-    hides the progress bar, which also stays hidden when stderr is not a terminal."""
+    hides the progress bar, which also stays hidden when stderr is not a terminal;
+    `check_updates=False` uses a cached url file without asking whether it changed upstream
+    (dalle2-laion's `check_updates`)."""
     if file.load_type == "local":
         return _local(file)
     hub = parse_hub_url(file.path)
     if hub is not None:
         return download_hub_file(
-            hub, offline=is_offline(), show_progress=_show_progress(quiet), sha256=file.sha256, config_name=config_name
+            hub,
+            offline=is_offline(),
+            show_progress=_show_progress(quiet),
+            sha256=file.sha256,
+            config_name=config_name,
+            check_updates=check_updates,
         )
-    return _cached_download(file, config_name, quiet)
+    return _cached_download(file, config_name, quiet, check_updates)
 
 
 def _local(file: File) -> Path:
     path = Path(file.path)
-    if not path.exists():
-        raise InputError(f"model file not found: {path}")
-    if path.is_dir():
-        raise InputError(f"model file {path} is a directory, not a file")
+    regular_file(path, "model file")
+    if file.sha256 is not None:
+        actual = file_sha256(path)
+        if actual != file.sha256:
+            raise InputError(
+                f"model file {path} has sha256 {actual}, but the config expects {file.sha256}: "
+                "the file is damaged or not the one the config names"
+            )
     return path
 
 
@@ -152,6 +169,8 @@ def check_cache_name(name: str, what: str, hint: bool = False) -> str:
         raise InputError(f"{what} {name!r} is not a plain file name{fix}")
     if Path(name).is_absolute() or name.startswith("."):
         raise InputError(f"{what} {name!r} is reserved (absolute or hidden){fix}")
+    if len(name.encode()) > MAX_NAME_BYTES:
+        raise InputError(f"{what} {name[:40]}... is {len(name.encode())} bytes long, more than a file name can be{fix}")
     if name.endswith(SIDECAR_SUFFIX):
         raise InputError(f"{what} {name!r} ends in {SIDECAR_SUFFIX}, which the cache uses for checksums{fix}")
     return name
@@ -198,18 +217,21 @@ def cache_lock(target: Path, wait: bool = True) -> Iterator[None]:
 # -- the cached download ------------------------------------------------------------------
 
 
-def _cached_download(file: File, config_name: str | None, quiet: bool) -> Path:
+def _cached_download(file: File, config_name: str | None, quiet: bool, check_updates: bool) -> Path:
     target = cache_path(file)
     if is_offline():
         return _offline_cached(file, target, config_name)
-    expected = file.sha256 or _remote_checksum(file, have_cached=target.exists())
+    upstream = _upstream_version(file, have_cached=target.exists()) if check_updates else None
+    expected = file.sha256 or (upstream.sha256 if upstream else None)
+    marker = upstream.marker if upstream else None
     target.parent.mkdir(parents=True, exist_ok=True)
     with cache_lock(target):
+        # A process killed while writing the file's record leaves a temporary file: not a model.
+        remove_leftovers(target.parent, {sidecar_path(target).name})
         # Checked under the lock: another process may have just finished this very file.
-        if target.exists():
-            if _cached_file_is_good(target, expected, upstream=file.sha256 is None):
-                return target
-        _fetch(file.path, target, expected, quiet, DownloadPolicy.from_env())
+        if target.exists() and _cached_file_is_good(target, expected, marker, from_config=file.sha256 is not None):
+            return target
+        _fetch(file.path, target, expected, quiet, DownloadPolicy.from_env(), marker)
     return target
 
 
@@ -219,43 +241,47 @@ def _offline_cached(file: File, target: Path, config_name: str | None) -> Path:
             f"{file.path} is not cached (expected at {target}) and offline mode is on "
             f"(--offline or HF_HUB_OFFLINE): {fetch_hint(config_name)}"
         )
-    if file.sha256 is not None and _recorded_sha256(target) != file.sha256 and sha256_of(target) != file.sha256:
+    expected = file.sha256 or recorded_digest(target)
+    actual = file_sha256(target)
+    if expected is not None and actual != expected:
+        what = "the config's sha256" if file.sha256 else "the sha256 recorded when it was downloaded"
         raise Dalle2Error(
-            f"cached {target} does not match the config's sha256, and offline mode is on: "
-            f"{fetch_hint(config_name)} (it downloads the file again)"
+            f"cached {target} has sha256 {actual}, not {what} ({expected}): it is damaged, and offline mode "
+            f"is on: {fetch_hint(config_name)} (it downloads the file again)"
         )
     return target
 
 
-def _cached_file_is_good(target: Path, expected: str | None, upstream: bool) -> bool:
-    recorded = _recorded_sha256(target)  # None when the file changed since it was recorded
-    if expected is None:
-        if recorded is not None:
+def _cached_file_is_good(target: Path, expected: str | None, marker: str | None, from_config: bool) -> bool:
+    """Whether the cached file is the one wanted: its bytes hash to the expected digest (or to
+    the one recorded at download), and its checksum file's text has not changed since."""
+    actual = file_sha256(target)  # every use: bytes that rot keep their size and mtime
+    record = read_record(target)
+    if expected is not None:
+        if actual == expected:
+            if record is None or record.digest != actual:
+                write_record(target, actual, marker)
             return True
-        known = recorded_digest(target)
-        actual = sha256_of(target)
-        if known is not None and actual != known:
-            print(f"cached {target} changed since it was downloaded; downloading it again", file=sys.stderr)
-            return False
-        _record_sha256(target, actual)  # a file put there by hand: trust it, and notice changes from now on
-        return True
-    if recorded == expected:
-        return True
-    if recorded is None and sha256_of(target) == expected:
-        _record_sha256(target, expected)
-        return True
-    if upstream:
-        print(f"{target.name} changed upstream; downloading it again", file=sys.stderr)
-    else:
-        print(f"cached {target} does not match the config's sha256; downloading it again", file=sys.stderr)
-    return False
+        if from_config:
+            note(f"cached {target} does not match the config's sha256; downloading it again")
+        elif record is not None and record.digest == expected:
+            note(f"cached {target} is damaged (its sha256 changed since it was downloaded); downloading it again")
+        else:
+            note(f"{target.name} changed upstream; downloading it again")
+        return False
+    if record is not None and record.digest != actual:
+        note(f"cached {target} is damaged (its sha256 changed since it was downloaded); downloading it again")
+        return False
+    if marker is not None and (record is None or record.marker != marker):
+        note(f"{target.name}: its checksum file changed upstream (or was never seen); downloading it again")
+        return False
+    if record is None:
+        write_record(target, actual, marker)  # a file put there by hand: trust it, and notice changes from now on
+    return True
 
 
-def download(url: str, target: Path, expected_sha256: str | None = None, *, quiet: bool = False) -> None:
-    """Fetch `url` into `target` (under its lock), verifying size and, if given, sha256."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with cache_lock(target):
-        _fetch(url, target, expected_sha256, quiet, DownloadPolicy.from_env())
+def note(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class _Transient(Exception):
@@ -265,8 +291,19 @@ class _Transient(Exception):
 class _CannotResume(_Transient):
     """The server refuses the Range of the partial file: retry from byte zero."""
 
+    def __init__(self, message: str, total: int | None = None):
+        super().__init__(message)
+        self.total = total  # the file's size, when the refusal says it
 
-def _fetch(url: str, target: Path, expected_sha256: str | None, quiet: bool, policy: DownloadPolicy) -> None:
+
+class _AlreadyWhole(Exception):
+    """The server answered the Range of the partial file with 416 because the partial file is
+    already the whole file (a download killed after its last byte)."""
+
+
+def _fetch(
+    url: str, target: Path, expected_sha256: str | None, quiet: bool, policy: DownloadPolicy, marker: str | None = None
+) -> None:
     """Download into the partial file, resuming and retrying, then verify and rename into place.
     The caller holds the file's lock."""
     partial = partial_path(target)
@@ -281,6 +318,8 @@ def _fetch(url: str, target: Path, expected_sha256: str | None, quiet: bool, pol
         while True:
             try:
                 _attempt(url, partial, state, digest, progress, policy)
+                break
+            except _AlreadyWhole:
                 break
             except _Transient as error:
                 size = partial.stat().st_size if partial.exists() else 0
@@ -300,15 +339,14 @@ def _fetch(url: str, target: Path, expected_sha256: str | None, quiet: bool, pol
         if resumed_earlier_run:
             # The bytes kept from an earlier run may be what is wrong (a server without
             # validators that changed the file meanwhile): one more try, from zero.
-            print(f"{target.name}: sha256 mismatch after resuming; downloading it whole", file=sys.stderr)
-            return _fetch(url, target, expected_sha256, quiet, policy)
+            note(f"{target.name}: sha256 mismatch after resuming; downloading it whole")
+            return _fetch(url, target, expected_sha256, quiet, policy, marker)
         raise Dalle2Error(
             f"download of {url} has sha256 {actual}, expected {expected_sha256}; nothing was cached "
             "(the file changed upstream, or the configured sha256 is wrong)"
         )
-    # The record is written first (size and mtime do not change on rename), so the file never
-    # sits under its final name without one.
-    _record_sha256(target, actual, stat_of=partial)
+    # The record is written first, so the file never sits under its final name without one.
+    write_record(target, actual, marker)
     os.replace(partial, target)
     _ResumeState.path_for(partial).unlink(missing_ok=True)
 
@@ -326,6 +364,7 @@ class _ResumeState:
     url: str
     expected_sha256: str | None
     validator: str | None = None  # the strong ETag, or Last-Modified, sent back as If-Range
+    total: int | None = None  # the whole file's size, once a response said it
 
     @staticmethod
     def path_for(partial: Path) -> Path:
@@ -342,6 +381,7 @@ class _ResumeState:
             _discard(partial)
             return fresh
         fresh.validator = saved.get("validator")
+        fresh.total = saved.get("total") if isinstance(saved.get("total"), int) else None
         return fresh
 
     def save(self, partial: Path) -> None:
@@ -387,7 +427,9 @@ def _attempt(
             headers["If-Range"] = state.validator
     try:
         response = _open(url, headers, policy.timeout_s)
-    except _CannotResume:
+    except _CannotResume as refused:
+        if offset and offset in (refused.total, state.total):
+            raise _AlreadyWhole() from None  # the size the server names is what we have: verified next
         partial.unlink(missing_ok=True)
         raise
     with response:
@@ -401,8 +443,8 @@ def _attempt(
             # A 200 to a Range request: the server cannot resume, or the file changed (If-Range).
             offset = 0
         validator = _validator(response)
-        if validator != state.validator or not state.validator:
-            state.validator = validator
+        if validator != state.validator or not state.validator or total != state.total:
+            state.validator, state.total = validator, total
             state.save(partial)
         mode = "ab" if offset else "wb"
         digest.catch_up(offset)
@@ -439,8 +481,14 @@ def _open(url: str, headers: dict[str, str], timeout: float) -> Any:
         error.close()
         if error.code >= 500 or error.code in (408, 429):
             raise _Transient(f"HTTP {error.code} {error.reason}") from None
-        if error.code == 416:  # the partial file is no prefix of what the server has
-            raise _CannotResume("HTTP 416: the server cannot resume this file; starting over") from None
+        if 300 <= error.code < 400:  # urllib gave up following them
+            raise Dalle2Error(
+                f"cannot download {url}: too many redirects (HTTP {error.code}; a redirect loop?)"
+            ) from None
+        if error.code == 416:  # past the end: the partial file is whole, or no prefix of the file
+            match = re.fullmatch(r"bytes \*/(\d+)", (error.headers.get("Content-Range") or "").strip())
+            total = int(match.group(1)) if match else None
+            raise _CannotResume("HTTP 416: the server cannot resume this file; starting over", total) from None
         raise Dalle2Error(f"cannot download {url}: HTTP {error.code} {error.reason}") from None
     except urllib.error.URLError as error:
         reason = error.reason
@@ -551,34 +599,48 @@ class _Progress:
 
 # -- dalle2-laion's update check ----------------------------------------------------------
 
+CHECKSUM_FILE_LIMIT = 1 << 16  # an LFS pointer is ~130 bytes; anything this size is not one
 
-def _remote_checksum(file: File, have_cached: bool) -> str | None:
-    """The sha256 named by `checksum_file_path` (a Hugging Face LFS pointer or a bare digest)."""
+
+@dataclass(frozen=True)
+class UpstreamVersion:
+    """What `checksum_file_path` says of the current upstream file: a sha256 (an LFS pointer or a
+    bare digest), or, for any other text, a marker of that text (dalle2-laion compared the
+    text itself, so a changed text means a new version)."""
+
+    sha256: str | None = None
+    marker: str | None = None
+
+
+def _upstream_version(file: File, have_cached: bool) -> UpstreamVersion | None:
     if file.checksum_file_path is None:
         return None
     try:
-        if re.match(r"https?://", file.checksum_file_path):
-            headers = {"User-Agent": f"dalle2-cli/{__version__}"}
-            policy = DownloadPolicy.from_env()
-            try:
-                with _open(file.checksum_file_path, headers, min(policy.timeout_s, 30.0)) as response:
-                    text = response.read(1 << 16).decode("utf-8", "replace")
-            except (_Transient, OSError, http.client.HTTPException) as error:
-                raise Dalle2Error(f"cannot download {file.checksum_file_path}: {error}") from None
-        else:
-            text = Path(file.checksum_file_path).read_text()
-    except (Dalle2Error, OSError) as error:
+        text = _checksum_file_text(file.checksum_file_path)
+    except Dalle2Error as error:
         if have_cached:
-            print(f"warning: cannot check {file.path} for updates ({error}); using the cached file", file=sys.stderr)
+            note(f"warning: cannot check {file.path} for updates ({error}); using the cached file")
             return None
         raise
     match = re.search(r"(?:sha256:)?\b([0-9a-f]{64})\b", text)
-    if match is None:
-        raise InputError(f"checksum file {file.checksum_file_path} holds no sha256 digest")
-    return match.group(1)
+    if match is not None:
+        return UpstreamVersion(sha256=match.group(1))
+    return UpstreamVersion(marker=hashlib.sha256(text.encode()).hexdigest())
 
 
-# -- sha256 records -----------------------------------------------------------------------
+def _checksum_file_text(location: str) -> str:
+    if not re.match(r"https?://", location):
+        return read_text(Path(location).expanduser(), "checksum file", limit=CHECKSUM_FILE_LIMIT)
+    headers = {"User-Agent": f"dalle2-cli/{__version__}"}
+    policy = DownloadPolicy.from_env()
+    try:
+        with _open(location, headers, min(policy.timeout_s, 30.0)) as response:
+            return response.read(CHECKSUM_FILE_LIMIT).decode("utf-8", "replace")
+    except (_Transient, OSError, http.client.HTTPException) as error:
+        raise Dalle2Error(f"cannot download {location}: {_describe(error)}") from None
+
+
+# -- sha256: computed, recorded ------------------------------------------------------------
 
 
 def sha256_of(path: Path) -> str:
@@ -589,57 +651,56 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Digests computed by this process, by file identity: each model file is hashed once per run.
+_digests: dict[tuple[int, ...], str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of `path`'s bytes as they are now (hashed once per process and file version:
+    any write changes the file's ctime, which no one can set back, unlike its mtime)."""
+    status = Path(path).stat()
+    key = (status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns, status.st_ctime_ns)
+    if key not in _digests:
+        _digests[key] = sha256_of(path)
+    return _digests[key]
+
+
 def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+@dataclass(frozen=True)
+class Record:
+    """What the cache wrote beside a downloaded file: its sha256, and the marker of the
+    checksum file's text it was downloaded under (when that text is not a digest)."""
+
+    digest: str
+    marker: str | None = None
+
+
+def read_record(path: Path) -> Record | None:
+    """Lines are `DIGEST [upstream=MARKER]`; earlier versions wrote `DIGEST SIZE MTIME`."""
+    try:
+        fields = sidecar_path(path).read_text().split()
+    except OSError:
+        return None
+    if not fields or not re.fullmatch(r"[0-9a-f]{64}", fields[0]):
+        return None
+    marker = next((f.removeprefix("upstream=") for f in fields[1:] if f.startswith("upstream=")), None)
+    return Record(fields[0], marker)
+
+
 def recorded_digest(path: Path) -> str | None:
     """The digest recorded when the file was downloaded, whether or not it changed since."""
-    try:
-        return sidecar_path(path).read_text().split()[0]
-    except (OSError, IndexError):
-        return None
+    record = read_record(path)
+    return record.digest if record else None
 
 
-def _recorded_sha256(path: Path, record: Path | None = None) -> str | None:
-    """The digest recorded in `record` (default: the file's sidecar), if the file's size and
-    mtime are unchanged since (no re-hash)."""
-    try:
-        digest, size, mtime = (record or sidecar_path(path)).read_text().split()
-        stat = path.stat()
-    except (OSError, ValueError):
-        return None
-    if int(size) != stat.st_size or int(mtime) != stat.st_mtime_ns:
-        return None
-    return digest
-
-
-def _record_sha256(path: Path, digest: str, stat_of: Path | None = None, record: Path | None = None) -> None:
-    stat = (stat_of or path).stat()
-    with atomic_path(record or sidecar_path(path)) as tmp:
-        tmp.write_text(f"{digest} {stat.st_size} {stat.st_mtime_ns}\n")
+def write_record(path: Path, digest: str, marker: str | None = None) -> None:
+    with atomic_path(sidecar_path(path)) as tmp:
+        tmp.write_text(f"{digest} upstream={marker}\n" if marker else f"{digest}\n")
 
 
 def model_file_sha256(path: Path) -> str:
-    """The sha256 of a model file, for image metadata, re-hashed only when the file changed:
-    a download's record, a hub blob's own name, or a memo kept in the cache directory."""
-    recorded = _recorded_sha256(path)
-    if recorded is not None:
-        return recorded
-    from dalle2_cli.hub import expected_blob_digest
-
-    blob = expected_blob_digest(path)
-    if blob is not None and blob[0] == "sha256":
-        return blob[1]
-    resolved = path.resolve()
-    memo = default_cache_dir() / ".checksums" / hashlib.sha256(str(resolved).encode()).hexdigest()[:32]
-    digest = _recorded_sha256(resolved, record=memo)
-    if digest is not None:
-        return digest
-    digest = sha256_of(resolved)
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        _record_sha256(resolved, digest, record=memo)
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
-    return digest
+    """The sha256 of a model file, for image metadata: the bytes' own, computed this run."""
+    return file_sha256(Path(path).resolve())

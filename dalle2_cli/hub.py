@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,13 +123,46 @@ def hub_cache_dir() -> Path:
 
 
 def download_hub_file(
-    hub: HubFile, *, offline: bool, show_progress: bool, sha256: str | None = None, config_name: str | None = None
+    hub: HubFile,
+    *,
+    offline: bool,
+    show_progress: bool,
+    sha256: str | None = None,
+    config_name: str | None = None,
+    check_updates: bool = True,
 ) -> Path:
-    """The cached path of `hub`, downloaded through `hf_hub_download` unless cached and current."""
+    """The cached path of `hub`, downloaded through `hf_hub_download` unless cached and current,
+    and checked: its bytes must hash to what the hub names the blob by (and to the config's
+    sha256). A cached file that does not is downloaded again (online) or refused (offline)."""
+    local_only = offline or (not check_updates and cached_hub_file(hub) is not None)
+    path = _hf_download(hub, local_only, show_progress, config_name, force=False)
+    damage = _damage(path)
+    if damage is not None and not offline:
+        print(f"{hub.uri}: the cached copy {damage}; downloading it again", file=sys.stderr)
+        path = _hf_download(hub, False, show_progress, config_name, force=True)
+        damage = _damage(path)
+    if damage is not None:
+        raise Dalle2Error(
+            f"{hub.uri}: the cached copy {damage}: remove it with `dalle2 models rm {hub.uri}`, then "
+            f"{fetch_hint(config_name)}"
+        )
+    if sha256 is not None:
+        from dalle2_cli.files import file_sha256  # files imports this module
+
+        actual = file_sha256(path.resolve())
+        if actual != sha256:
+            raise Dalle2Error(
+                f"{hub.uri} has sha256 {actual}, but the config expects {sha256}: the file changed on the hub "
+                f"(pin a revision: {hub.uri.split('@')[0]}@COMMIT) or the config's sha256 is wrong"
+            )
+    return path
+
+
+def _hf_download(hub: HubFile, local_only: bool, show_progress: bool, config_name: str | None, force: bool) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        path = Path(
+        return Path(
             hf_hub_download(
                 hub.repo_id,
                 hub.filename,
@@ -136,26 +170,30 @@ def download_hub_file(
                 repo_type=hub.repo_type,
                 # huggingface_hub reads HF_HUB_OFFLINE once, at import; this also covers an
                 # offline switch made after that (in a long-lived Python process).
-                local_files_only=offline,
+                local_files_only=local_only,
+                force_download=force,
                 library_name="dalle2-cli",
                 library_version=__version__,
                 tqdm_class=_progress_class(show_progress),
             )
         )
     except Exception as error:  # noqa: BLE001 - huggingface_hub raises many types; each is translated
-        raise _hub_error(hub, error, offline, config_name) from None
-    # An LFS blob is named by the sha256 the hub holds for it: equal names need no re-hash of
-    # gigabytes on every run (`dalle2 models verify` re-hashes). Others are hashed.
-    if sha256 is not None and path.resolve().name != sha256:
-        from dalle2_cli.files import sha256_of  # files imports this module
+        raise _hub_error(hub, error, local_only, config_name) from None
 
-        actual = sha256_of(path)
-        if actual != sha256:
-            raise Dalle2Error(
-                f"{hub.uri} has sha256 {actual}, but the config expects {sha256}: the file changed on the hub "
-                f"(pin a revision: {hub.uri.split('@')[0]}@COMMIT) or the config's sha256 is wrong"
-            )
-    return path
+
+def _damage(path: Path) -> str | None:
+    """What is wrong with a cached hub file's bytes, or None: they must hash to the blob's name
+    (an LFS file's sha256, a small file's git object id)."""
+    from dalle2_cli.files import file_sha256  # files imports this module
+
+    named = expected_blob_digest(path)
+    if named is None:
+        return None
+    kind, digest = named
+    actual = file_sha256(path.resolve()) if kind == "sha256" else git_blob_sha1(path)
+    if actual != digest:
+        return f"is damaged (its {'sha256' if kind == 'sha256' else 'git object id'} is {actual}, not {digest})"
+    return None
 
 
 def _hub_error(hub: HubFile, error: Exception, offline: bool, config_name: str | None) -> Dalle2Error:

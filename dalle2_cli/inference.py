@@ -2,48 +2,37 @@
 
     manager = DalleModelManager(load_config("my-config"))
     images = TextToImage(manager).run(["a red circle"], num_images=2)
+    images[0].save("circle.png")   # with its prompt, seed and settings in the PNG
 
 `InferenceScript._sample_prior` and `_sample_decoder` follow dalle2-laion's argument
-conventions, so scripts written for it port over; subclasses add a `run` method.
+conventions, so scripts written for it port over; subclasses add a `run` method. A script
+hands each image to `on_image` as soon as its batch is decoded, so that a caller can save it
+before the rest of the run is done.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from dalle2_cli.clip import cut_off_words, tokenize
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.guidance import batched_guidance
 from dalle2_cli.images import fit_mask, fit_square, to_pil, to_tensor
 from dalle2_cli.manager import DalleModelManager
 from dalle2_cli.noise import per_image_noise
 from dalle2_cli.progress import NoProgress
 from dalle2_cli.prompts import Prompt
-
-
-@dataclass
-class SamplingSettings:
-    """What the user may override; None means the config's default (or the trained value)."""
-
-    prior_steps: int | None = None
-    prior_cond_scale: float | None = None
-    decoder_steps: list[int | None] | None = None  # one per unet, or one for all
-    decoder_cond_scale: list[float] | None = None
-    batch_size: int = 4
-    num_samples_per_batch: int = 2  # prior embeddings drawn per image; CLIP keeps the best
-    seed: int | None = None  # image k of each input gets seed + k
-    pad: bool = False  # non-square input images: padded with white to a square, not center-cropped
-    # Guidance's conditional and null passes as one forward over a doubled batch (same images
-    # within float rounding, fewer kernel launches); False keeps two passes, half the activations.
-    batched_guidance: bool = True
+from dalle2_cli.settings import SamplingSettings, check_count, check_finite, check_total
 
 
 @dataclass
@@ -54,6 +43,21 @@ class GeneratedImage:
     prompt: str | None = None
     source: str | None = None  # the input image, for variations and inpainting
     settings: dict[str, Any] = field(default_factory=dict)
+    # What made it: the command, the config, the model files and their sha256, the tool.
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything a PNG of this image records (see `dalle2 info`)."""
+        own = {"prompt": self.prompt, "seed": self.seed, "index": self.index, "source": self.source}
+        return {**own, **self.settings, **self.provenance}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image as a PNG with `metadata()` in it, whole or not at all."""
+        from dalle2_cli.output import save_png
+
+        path = Path(path)
+        save_png(self.image, path, self.metadata())
+        return path
 
 
 def _per_unet(values: Sequence | None, count: int, what: str) -> list | None:
@@ -63,27 +67,29 @@ def _per_unet(values: Sequence | None, count: int, what: str) -> list | None:
     if len(values) == 1:
         return values * count
     if len(values) != count:
-        raise InputError(f"{what} has {len(values)} values but the decoder has {count} unets: give 1 or {count}")
+        raise SettingError(what, f"has {len(values)} values but the decoder has {count} unets: give 1 or {count}")
     return values
 
 
 class InferenceScript:
+    command = "script"  # what the images' metadata names as the command that made them
+
     def __init__(
         self,
         model_manager: DalleModelManager,
         settings: SamplingSettings | None = None,
         progress: NoProgress | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
     ):
         self.models = model_manager
         self.settings = settings or SamplingSettings()
         self.progress = progress or NoProgress()  # dalle2_cli.progress.StageProgress shows bars
-        if self.settings.batch_size < 1:
-            raise InputError("batch size must be at least 1")
-        if self.settings.num_samples_per_batch < 1:
-            raise InputError("the prior needs at least 1 sample per image to rank")
+        self.on_image = on_image
         self.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
         self._record: dict[str, Any] = {}  # the settings in effect, filled by _start
-        self._warned: set[str] = set()  # prompts already found too long
+        self._warned: set[str] = set()  # prompts already checked (too long, unknown words)
+        self._provenance: dict[str, Any] | None = None
+        self._holding = 0  # while > 0, finished images are not handed to on_image
 
     @property
     def device(self) -> torch.device:
@@ -119,26 +125,30 @@ class InferenceScript:
         steps = self.settings.prior_steps or default_steps or prior.sample_timesteps or trained
         scale = self.settings.prior_cond_scale if self.settings.prior_cond_scale is not None else default_scale
         if not 1 <= steps <= trained:
-            raise InputError(f"prior steps must be between 1 and {trained} (what it was trained with), got {steps}")
+            raise SettingError(
+                "prior_steps", f"must be between 1 and {trained} (what the prior was trained with), got {steps}"
+            )
         if scale != 1.0 and not prior.can_classifier_guidance:
-            raise InputError("this prior was trained without conditioning dropout: its cond scale must be 1")
+            raise SettingError("prior_cond_scale", "must be 1: this prior was trained without conditioning dropout")
         return steps, scale
 
     def decoder_settings(self) -> tuple[list[int], list[float]]:
         decoder = self.models.decoder
         count = decoder.num_unets
         default_steps, default_scales = self.models.decoder_defaults()
-        wanted_steps = _per_unet(self.settings.decoder_steps, count, "--decoder-steps") or [None] * count
-        scales = _per_unet(self.settings.decoder_cond_scale, count, "--decoder-cond-scale") or default_scales
+        wanted_steps = _per_unet(self.settings.decoder_steps, count, "decoder_steps") or [None] * count
+        scales = _per_unet(self.settings.decoder_cond_scale, count, "decoder_cond_scale") or default_scales
         steps = []
         for number in range(count):
             trained = decoder.noise_schedulers[number].num_timesteps
             chosen = wanted_steps[number] or default_steps[number] or decoder.sample_timesteps[number] or trained
             if not 1 <= chosen <= trained:
-                raise InputError(f"decoder steps for unet {number + 1} must be between 1 and {trained}, got {chosen}")
+                raise SettingError(
+                    "decoder_steps", f"for unet {number + 1} must be between 1 and {trained}, got {chosen}"
+                )
             steps.append(chosen)
         if any(s != 1.0 for s in scales) and not decoder.can_classifier_guidance:
-            raise InputError("this decoder was trained without conditioning dropout: its cond scale must be 1")
+            raise SettingError("decoder_cond_scale", "must be 1: this decoder was trained without conditioning dropout")
         return steps, scales
 
     # -- CLIP ------------------------------------------------------------------------------
@@ -146,15 +156,24 @@ class InferenceScript:
     def _tokens(self, texts: Sequence[str]) -> torch.Tensor:
         clip = self.models.clip
         for text in dict.fromkeys(texts):
-            if text in self._warned:
-                continue
-            self._warned.add(text)  # once per prompt, though the prior and decoder both read it
-            cut = cut_off_words(text, clip.max_text_len)
-            if cut:
-                self.models.log(
-                    f"warning: the prompt is longer than CLIP's {clip.max_text_len} tokens; left out: {cut!r}"
-                )
+            if text not in self._warned:
+                self._warned.add(text)  # once per prompt, though the prior and decoder both read it
+                self._check_prompt(text, clip.max_text_len)
         return tokenize(clip, list(texts)).to(self.device)
+
+    def _check_prompt(self, text: str, context_length: int) -> None:
+        """Warn about words CLIP will not see (past its context) or the model never saw."""
+        cut = cut_off_words(text, context_length)
+        if cut:
+            self.models.warn(f"the prompt is longer than CLIP's {context_length} tokens; left out: {_ends(cut)}")
+        vocabulary = self.models.config.vocabulary
+        if vocabulary is not None and text:
+            known = {word.lower() for word in vocabulary.words}
+            unknown = [w for w in dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())) if w not in known]
+            if unknown:
+                words = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+                knows = f"; it knows {vocabulary.summary}" if vocabulary.summary else ""
+                self.models.warn(f"{_shortened(text)!r}: the model was not trained on the word(s) {words}{knows}")
 
     def _text_encodings(self, text_or_tokens: Sequence[str] | torch.Tensor) -> torch.Tensor:
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
@@ -171,6 +190,16 @@ class InferenceScript:
             embeds, _ = clip.embed_image(batch.to(self.device))
         self.progress.advance("CLIP")
         return embeds.float()
+
+    def _takes_text(self) -> bool:
+        return bool(self.models.decoder.condition_on_text_encodings)
+
+    def _text_for_decoder(self, text: str | None) -> str | None:
+        """`text`, or None with a warning when the decoder takes no text (it would be ignored)."""
+        if text is not None and not self._takes_text():
+            self.models.warn(f"this decoder is not conditioned on text: the text {_shortened(text)!r} is ignored")
+            return None
+        return text
 
     # -- the two sampling loops, with dalle2-laion's arguments -------------------------------
 
@@ -192,6 +221,7 @@ class InferenceScript:
         steps, default_scale = self.prior_settings()
         timesteps = timesteps or steps
         cond_scale = default_scale if cond_scale is None else cond_scale
+        check_finite("prior_cond_scale", cond_scale)
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
         jobs = [index for index in range(tokens.shape[0]) for _ in range(sample_count)]
         seeds = self._job_seeds(seeds, len(jobs), sample_count)
@@ -222,20 +252,22 @@ class InferenceScript:
         text_encoding: Sequence[torch.Tensor] | torch.Tensor | None = None,
         inpaint_images: Sequence[Image.Image] | None = None,
         inpaint_image_masks: Sequence[np.ndarray | torch.Tensor] | None = None,
-        cond_scale: list[float] | float | None = None,
+        cond_scale: Sequence[float] | float | None = None,
         sample_count: int = 1,
         batch_size: int = 10,
         timesteps: list[int] | None = None,
         seeds: Sequence[int] | None = None,
+        on_batch: Callable[[list[tuple[int, int, Image.Image]]], None] | None = None,
     ) -> dict[int, list[Image.Image]]:
         """Images for each input: {input index: [sample_count images]}.
 
         `seeds` has one seed per image, input by input; by default image k of each input has
-        the script's seed + k.
+        the script's seed + k. `on_batch` gets each batch's images as soon as they are
+        decoded, as (input index, position among that input's images, image).
 
         Give exactly one of `images` (variations of them) and `image_embed`. `inpaint_image_masks`
         are True where the image is to be regenerated; the rest of each output equals the
-        (square, resized) inpaint image exactly.
+        (square, resized) inpaint image exactly. `cond_scale` is one number or one per unet.
         """
         if (images is None) == (image_embed is None):
             raise ValueError("give exactly one of images and image_embed")
@@ -247,9 +279,10 @@ class InferenceScript:
         if cond_scale is None:
             scales = default_scales
         else:
-            scales = _per_unet(
-                cond_scale if isinstance(cond_scale, list) else [cond_scale], decoder.num_unets, "cond_scale"
-            )
+            given = [cond_scale] if isinstance(cond_scale, int | float) else list(cond_scale)
+            scales = _per_unet(given, decoder.num_unets, "decoder_cond_scale")
+        for scale in scales:
+            check_finite("decoder_cond_scale", scale)
 
         encodings = texts = None
         if decoder.condition_on_text_encodings:
@@ -267,7 +300,7 @@ class InferenceScript:
                 raise ValueError("give one mask per inpaint image")
             pad = self.settings.pad
             keep_images = torch.stack([to_tensor(fit_square(img, size, pad)) for img in inpaint_images])
-            regenerate = [fit_mask(np.asarray(m, dtype=bool), size, pad) for m in inpaint_image_masks]
+            regenerate = [fit_mask(_as_array(m), size, pad) for m in inpaint_image_masks]
             keep_masks = torch.from_numpy(~np.stack(regenerate))  # dalle2-pytorch: True = keep
 
         jobs = [index for index in range(count) for _ in range(sample_count)]
@@ -300,15 +333,42 @@ class InferenceScript:
                 noise = per_image_noise(seeds[start : start + batch_size], "decoder")
                 guidance = batched_guidance(self.settings.batched_guidance)
                 with self._precision(), noise, guidance, self.progress.loops(bars), self.models.using(decoder):
-                    out = decoder.sample(image_embed=embeds[chunk].to(self.device), cond_scale=tuple(scales), **extra)
+                    out = self._decode(decoder, embeds[chunk].to(self.device), tuple(scales), extra)
                 if keep_images is not None:  # exact pixels outside the mask, whatever the rounding
                     keep = keep_masks[chunk].unsqueeze(1).to(out.device)
                     out = torch.where(keep, keep_images[chunk].to(out.device), out.float().clamp(0, 1))
+                finished = []
                 for index, tensor in zip(chunk, out, strict=True):
                     results[index].append(to_pil(tensor))
+                    finished.append((index, len(results[index]) - 1, results[index][-1]))
+                if on_batch is not None:
+                    on_batch(finished)
         finally:
             decoder.sample_timesteps = saved_steps
         return results
+
+    def _decode(self, decoder: Any, image_embed: torch.Tensor, scales: tuple[float, ...], extra: dict) -> torch.Tensor:
+        """All unets on one batch. Each upsampler's low-resolution conditioning is noised at the
+        level its own file was trained with; dalle2-pytorch's decoder holds one level for all,
+        so a cascade whose files differ runs unet by unet with each one's level."""
+        levels = self.models.lowres_noise_levels
+        if len(set(levels)) <= 1 and (not levels or levels[0] == decoder.lowres_noise_sample_level):
+            return decoder.sample(image_embed=image_embed, cond_scale=scales, **extra)
+        image, saved = None, decoder.lowres_noise_sample_level
+        try:
+            for number, level in enumerate(levels, 1):
+                decoder.lowres_noise_sample_level = level
+                image = decoder.sample(
+                    image=image,
+                    image_embed=image_embed,
+                    cond_scale=scales,
+                    start_at_unet_number=number,
+                    stop_at_unet_number=number,
+                    **extra,
+                )
+        finally:
+            decoder.lowres_noise_sample_level = saved
+        return image
 
     def _job_seeds(self, seeds: Sequence[int] | None, count: int, per_input: int) -> list[int]:
         if seeds is None:
@@ -317,76 +377,115 @@ class InferenceScript:
             raise ValueError(f"give one seed per image: {count}, not {len(seeds)}")
         return list(seeds)
 
-    def _records(
+    # -- the images made --------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, Any]:
+        """What every image of this script records besides its own settings (once the models
+        it uses are loaded): the command, the config, the model files and their sha256."""
+        if self._provenance is None:
+            from dalle2_cli.output import run_metadata
+
+            manager = self.models
+            self._provenance = run_metadata(self.command, manager.name, manager.config.source_path, manager.files)
+        return self._provenance
+
+    def _made(
         self,
-        results: dict[int, list[Image.Image]],
-        prompts: Sequence[str | None],
-        sources: Sequence[str | None],
-        seeds: dict[int, list[int]] | None = None,
-    ) -> list[GeneratedImage]:
-        """`seeds`: each image's seed, as `results` holds the images; by default seed + k."""
-        settings = dict(self._record)
-        return [
-            GeneratedImage(
-                image,
-                seeds[index][position] if seeds else self.seed + position,
-                position,
-                prompts[index],
-                sources[index],
-                settings,
-            )
-            for index, images in results.items()
-            for position, image in enumerate(images)
-        ]
+        image: Image.Image,
+        seed: int,
+        index: int,
+        prompt: str | None,
+        source: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> GeneratedImage:
+        """One finished image, handed to `on_image` at once (unless held back)."""
+        settings = {**self._record, **(extra or {})}
+        item = GeneratedImage(image, seed, index, prompt, source, settings, self.provenance())
+        if self.on_image is not None and not self._holding:
+            self.on_image(item)
+        return item
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Images made in this block are not handed to `on_image` (candidates, say)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+
+def _shortened(text: str, words: int = 12) -> str:
+    """The first `words` words of `text` (at most 100 characters), for a one-line message."""
+    split = text.split()
+    short = " ".join(split[:words])[:100]
+    return short if len(split) <= words and len(text) <= 100 else f"{short} ... ({len(split)} words)"
+
+
+def _ends(text: str, words: int = 5) -> str:
+    """`text`, or its first and last words when it is long: "a b c ... x y (40 words)"."""
+    split = text.split()
+    if len(split) <= 2 * words and len(text) <= 100:
+        return text
+    return f"{' '.join(split[:words])[:60]} ... {' '.join(split[-words:])[-60:]} ({len(split)} words)"
+
+
+def _as_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask, dtype=bool)
 
 
 def _stack(tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
     if isinstance(tensors, torch.Tensor):
         return tensors if tensors.ndim >= 2 else tensors.unsqueeze(0)
-    return torch.stack(list(tensors))
-
-
-def _check_count(num_images: int) -> None:
-    if num_images < 1:
-        raise InputError(f"the number of images must be at least 1, got {num_images}")
+    return torch.stack([t if t.ndim == 1 else t.reshape(-1) for t in tensors])
 
 
 class TextToImage(InferenceScript):
     """Prompts -> prior -> decoder."""
 
+    command = "text2im"
+
     def run(self, prompts: Sequence[str | Prompt], num_images: int = 1) -> list[GeneratedImage]:
         """`num_images` per prompt, image k with the seed + k; a `Prompt` may set its own."""
-        _check_count(num_images)
+        check_count(num_images)
         requests = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
         if not requests or any(not r.text.strip() for r in requests):
             raise InputError("a prompt is empty: describe the image to make")
         counts = [num_images if r.num_images is None else r.num_images for r in requests]
         for count in counts:
-            _check_count(count)
+            check_count(count)
+        check_total(sum(counts))
         self._start(uses_prior=True)
         s = self.settings
         texts: list[str] = []
-        seeds: dict[int, list[int]] = {}
+        flat_seeds: list[int] = []
+        place: list[tuple[int, int]] = []  # flat image -> (prompt number, image k of it)
         for i, (request, count) in enumerate(zip(requests, counts, strict=True)):
             base = self.seed if request.seed is None else request.seed
-            seeds[i] = [base + k for k in range(count)]
+            flat_seeds += [base + k for k in range(count)]
             texts += [request.text] * count
-        flat_seeds = [seed for i in range(len(requests)) for seed in seeds[i]]
+            place += [(i, k) for k in range(count)]
         # One prior input per image, so that each prompt may ask for its own count.
         embeds = self._sample_prior(
             texts, batch_size=s.batch_size, num_samples_per_batch=s.num_samples_per_batch, seeds=flat_seeds
         )
         flat = [embeds[j][0] for j in range(len(texts))]
-        images = self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size, seeds=flat_seeds)
-        by_prompt, start = {}, 0
-        for i, count in enumerate(counts):  # one decoder input per image: regroup by prompt
-            by_prompt[i] = [images[start + k][0] for k in range(count)]
-            start += count
-        return self._records(by_prompt, [r.text for r in requests], [None] * len(requests), seeds)
+        made: dict[int, GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for j, _, image in batch:
+                made[j] = self._made(image, flat_seeds[j], place[j][1], texts[j], None)
+
+        self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size, seeds=flat_seeds, on_batch=finished)
+        return [made[j] for j in range(len(texts))]
 
 
 class ImageVariation(InferenceScript):
     """Images -> CLIP image embeddings -> decoder: new images with the same content."""
+
+    command = "variation"
 
     def run(
         self,
@@ -395,18 +494,33 @@ class ImageVariation(InferenceScript):
         text: str | None = None,
         sources: Sequence[str] | None = None,
     ) -> list[GeneratedImage]:
-        _check_count(num_images)
+        check_count(num_images)
         if not images:
             raise InputError("give at least one image to make variations of")
+        check_total(num_images * len(images))
         self._start(uses_prior=False)
-        results = self._sample_decoder(
-            images=list(images), text=text, sample_count=num_images, batch_size=self.settings.batch_size
+        text = self._text_for_decoder(text)
+        names = list(sources or [None] * len(images))
+        made: dict[tuple[int, int], GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for i, k, image in batch:
+                made[i, k] = self._made(image, self.seed + k, k, text, names[i], {"pad": self.settings.pad})
+
+        self._sample_decoder(
+            images=list(images),
+            text=text,
+            sample_count=num_images,
+            batch_size=self.settings.batch_size,
+            on_batch=finished,
         )
-        return self._records(results, [text] * len(images), list(sources or [None] * len(images)))
+        return [made[i, k] for i in range(len(images)) for k in range(num_images)]
 
 
 class Inpainting(InferenceScript):
     """Regenerate the masked area of an image, following a prompt or the image itself."""
+
+    command = "inpaint"
 
     def run(
         self,
@@ -415,9 +529,13 @@ class Inpainting(InferenceScript):
         prompt: str | None = None,
         num_images: int = 1,
         source: str | None = None,
+        mask_source: str | None = None,
+        mask_grow: int = 0,
     ) -> list[GeneratedImage]:
-        """`mask` is True where the image is to be regenerated."""
-        _check_count(num_images)
+        """`mask` is True where the image is to be regenerated. With `pad` (a non-square image
+        fitted whole onto a square), each output is cropped back to the image's own shape.
+        `mask_source` and `mask_grow` are recorded (how the mask was made)."""
+        check_count(num_images)
         if prompt is not None and not prompt.strip():
             raise InputError("the prompt is empty: leave it out to fill from the image itself")
         self._start(uses_prior=prompt is not None)
@@ -431,18 +549,30 @@ class Inpainting(InferenceScript):
             )[0]
         else:
             embeds = list(self._embed_images([image]).expand(num_images, -1))
-        results = self._sample_decoder(
+        size = self.models.decoder.image_sizes[-1]
+        box = padded_box(image.size, size) if s.pad else None
+        record = {"mask": mask_source, "mask_grow": mask_grow, "pad": s.pad}
+        made: dict[int, GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for k, _, picture in batch:
+                picture = picture.crop(box) if box is not None else picture
+                made[k] = self._made(picture, self.seed + k, k, prompt, source, record)
+
+        self._sample_decoder(
             image_embed=embeds,
             text=[prompt or ""] * num_images,
             batch_size=s.batch_size,
             inpaint_images=[image] * num_images,
             inpaint_image_masks=[mask] * num_images,
+            on_batch=finished,
         )
-        grouped = {0: [results[k][0] for k in range(num_images)]}
-        return self._records(grouped, [prompt], [source])
+        return [made[k] for k in range(num_images)]
 
 
-def as_record(generated: GeneratedImage) -> dict[str, Any]:
-    record = asdict(generated)
-    record.pop("image")
-    return record
+def padded_box(image_size: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Where an image of `image_size` lies on the `size` square that `fit_square(pad=True)`
+    makes of it, as a crop box: Pillow's own fitting of a blank image of that size, measured."""
+    width, height = ImageOps.contain(Image.new("1", image_size), (size, size)).size
+    left, top = round((size - width) / 2), round((size - height) / 2)
+    return left, top, left + width, top + height

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle2_cli.checkpoint import read_checkpoint, stage_of
-from dalle2_cli.files import sha256_of
+from dalle2_cli.files import file_sha256
 
 
 @dataclass
@@ -25,16 +25,19 @@ class Inspection:
     dtypes: dict[str, int]  # dtype -> number of tensors
     parameters: dict[str, int]  # module -> number of values
     config: dict[str, Any]
+    set_aside: list[str]  # objects pickled beside the weights, not loaded
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def lines(self) -> list[str]:
+        from rich.filesize import decimal  # sizes as `models list` shows them (1 MB = 10**6 bytes)
+
         version = self.dalle2_pytorch_version or "not recorded"
         if self.dalle2_pytorch_version and self.dalle2_pytorch_version != self.installed_dalle2_pytorch_version:
             version += f" (installed: {self.installed_dalle2_pytorch_version})"
         out = [
-            f"file      {self.path} ({self.size_bytes / 2**20:.1f} MiB)",
+            f"file      {self.path} ({decimal(self.size_bytes)})",
             f"sha256    {self.sha256}",
             f"format    {self.format}",
             f"stage     {self.stage}",
@@ -45,6 +48,8 @@ class Inspection:
         ]
         out += [f"  {module:<24}{count:>14,}" for module, count in self.parameters.items()]
         out += [f"config    {key}: {value}" for key, value in self.config.items()] or ["config    none embedded"]
+        if self.set_aside:
+            out.append(f"not read  {', '.join(self.set_aside)} (pickled beside the weights; never built)")
         return out
 
 
@@ -93,7 +98,7 @@ def inspect_file(path: str | Path, prefer_ema: bool = True) -> Inspection:
     return Inspection(
         path=str(path),
         size_bytes=path.stat().st_size,
-        sha256=sha256_of(path),
+        sha256=file_sha256(path),
         format=checkpoint.format,
         stage=stage_of(list(tensors)),
         dalle2_pytorch_version=checkpoint.version,
@@ -103,4 +108,5 @@ def inspect_file(path: str | Path, prefer_ema: bool = True) -> Inspection:
         dtypes=dict(dtypes.most_common()),
         parameters=dict(parameters),
         config=summarize_config(checkpoint.config),
+        set_aside=checkpoint.set_aside,
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from dalle2_cli.devices import resolve_device
 from dalle2_cli.errors import InputError
 from dalle2_cli.files import resolve_file
 from dalle2_cli.stitch import check_fit, read_part, stitched_config, stitched_state_dict
+from dalle2_cli.textfiles import read_json
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -37,19 +37,25 @@ class DalleModelManager:
         device: str | None = None,
         resolve: Callable[[File], Path] = resolve_file,
         log: Callable[[str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
         prefer_ema: bool = True,
         strict: bool | None = None,
         dtype: torch.dtype = torch.float32,
         keep_resident: bool = False,
         compile: bool | str = False,
+        name: str | None = None,
     ):
         """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
         `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
         (sampling then runs under autocast, see InferenceScript); `keep_resident`: keep every
         model on an accelerator device, instead of only the stage that runs (see `using`);
         `compile`: torch.compile the prior's network and each decoder unet (see
-        `compile_networks`; a string names the torch.compile backend, default inductor)."""
+        `compile_networks`; a string names the torch.compile backend, default inductor);
+        `log` receives what is loaded (default: stderr), `warn` what the user should know
+        (default: `log`, as "warning: ..."); `name`: the config's name, for metadata."""
         self.config = config
+        # How images' metadata names the config: as the user named it (`shapes`), else its file.
+        self.name = name or (str(config.source_path) if config.source_path else "config")
         self.dtype = dtype
         self.prefer_ema = prefer_ema
         self.strict = config.strict_loading if strict is None else strict
@@ -60,10 +66,15 @@ class DalleModelManager:
         self.compile = compile
         self.resolve = resolve
         self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.warn = warn or (lambda message: self.log(f"warning: {message}"))
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
+        self.versions: dict[str, str | None] = {}  # role -> dalle2-pytorch version that wrote the file
         self._clip: BaseClipAdapter | None = None
         self._prior: DiffusionPrior | None = None
         self._decoder: Decoder | None = None
+        # Per unet: the noise level its low-resolution conditioning gets at sampling time, as
+        # that unet's own file says (a stitched upsampler keeps its own, not unet 1's).
+        self.lowres_noise_levels: list[float] = []
 
     @property
     def map_location(self) -> str:
@@ -89,9 +100,13 @@ class DalleModelManager:
         if stage != "unknown" and not stage.startswith(expected):
             raise InputError(f"{path} holds a {stage}, but the config gives it as the {role}")
         self.log(f"loaded {role} {path.name} ({checkpoint.format}, {checkpoint.weights.upper()} weights)")
+        self.versions[role] = checkpoint.version
         if checkpoint.version and checkpoint.version != DALLE2_VERSION:
-            written = f"written by dalle2-pytorch {checkpoint.version}"
-            self.log(f"warning: {path.name} was {written}; {DALLE2_VERSION} is installed")
+            self.warn(f"{path.name} was written by dalle2-pytorch {checkpoint.version}; {DALLE2_VERSION} is installed")
+        if not self.prefer_ema and checkpoint.weights == "ema":
+            self.warn(
+                f"raw weights asked for, but {path.name} holds only EMA weights ({checkpoint.format}): using them"
+            )
         return checkpoint
 
     def _model_config(self, role: str, checkpoint: Checkpoint, config_file: File | None) -> dict:
@@ -166,6 +181,9 @@ class DalleModelManager:
             parts_by_unet.update({number: part for number in source.unet_numbers})
         check_fit(parts_by_unet)
         decoder = new_model(stitched_config(parts_by_unet).create, weights_follow=self.strict)
+        self.lowres_noise_levels = [
+            float(parts_by_unet[number].layout.lowres_noise_sample_level) for number in sorted(parts_by_unet)
+        ]
         versions = {p.checkpoint.version for p in parts_by_unet.values()} - {None}
         names = ", ".join(sorted({p.name for p in parts_by_unet.values()}))
         self._warn(
@@ -231,7 +249,7 @@ class DalleModelManager:
 
     def _warn(self, warnings: list[str]) -> None:
         for message in warnings:
-            self.log(f"warning: {message}")
+            self.warn(message)
 
     # -- defaults from the config -------------------------------------------------------
 
@@ -270,7 +288,7 @@ def compile_networks(model: DiffusionPrior | Decoder, backend: str = "inductor")
 
 
 def _read_json(path: Path, role: str) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {role} config {path}: {error}") from None
+    data = read_json(path, f"{role} config")
+    if not isinstance(data, dict):
+        raise InputError(f"{role} config {path} is not a JSON object (a training config or its section)")
+    return data

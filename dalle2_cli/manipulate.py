@@ -16,29 +16,22 @@ CLIP image embedding is closest to the prompt's text embedding.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
-from enum import StrEnum
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from dalle2_cli.atomic import atomic_path
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.inference import GeneratedImage, InferenceScript, TextToImage
 from dalle2_cli.prompts import Prompt
+from dalle2_cli.settings import check_frames, check_text_diff
 
 __all__ = [
-    "AnimationFormat",
     "Interpolation",
     "RerankedTextToImage",
     "TextDiff",
-    "animation_path",
     "candidate_seed",
-    "check_animation_format",
     "rerank_summary",
-    "save_animation",
     "slerp",
 ]
 
@@ -69,32 +62,33 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
     return (weight_a * x + weight_b * y).to(a.dtype)
 
 
-def _check_frames(frames: int) -> None:
-    if frames < 2:
-        raise InputError(f"--frames must be at least 2 (the two ends), got {frames}")
-
-
-def _frame_images(script: InferenceScript, embeds: list[torch.Tensor], text: str | None) -> list[Image.Image]:
-    """Decode every embedding with the script's seed: the same noise for every frame."""
-    seeds = [script.seed] * len(embeds)
-    images = script._sample_decoder(image_embed=embeds, text=text, batch_size=script.settings.batch_size, seeds=seeds)
-    return [images[k][0] for k in range(len(embeds))]
-
-
-def _frame_records(
+def _decode_frames(
     script: InferenceScript,
-    images: list[Image.Image],
+    embeds: list[torch.Tensor],
     text: str | None,
     source: str | None,
     extra: list[dict],
 ) -> list[GeneratedImage]:
-    """One record per frame (index = frame number), each with its own place on the path."""
-    records = script._records({0: images}, [text], [source], {0: [script.seed] * len(images)})
-    return [replace(record, settings={**record.settings, **more}) for record, more in zip(records, extra, strict=True)]
+    """Decode every embedding with the script's seed (the same noise for every frame); frame k
+    is a record with index k and its own place on the path (`extra[k]`)."""
+    text = script._text_for_decoder(text)
+    seeds = [script.seed] * len(embeds)
+    made: dict[int, GeneratedImage] = {}
+
+    def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+        for k, _, image in batch:
+            made[k] = script._made(image, script.seed, k, text, source, extra[k])
+
+    script._sample_decoder(
+        image_embed=embeds, text=text, batch_size=script.settings.batch_size, seeds=seeds, on_batch=finished
+    )
+    return [made[k] for k in range(len(embeds))]
 
 
 class Interpolation(InferenceScript):
     """Frames along the great circle between two images' CLIP image embeddings."""
+
+    command = "interpolate"
 
     def run(
         self,
@@ -106,20 +100,19 @@ class Interpolation(InferenceScript):
     ) -> list[GeneratedImage]:
         """`frames` images, frame 0 decoding `first`'s embedding and the last `second`'s, all with
         the script's seed. `text` conditions decoders that take text (as for variations)."""
-        _check_frames(frames)
+        check_frames(frames)
         self._start(uses_prior=False)
         embeds = self.embeddings(first, second, frames)
-        images = _frame_images(self, embeds, text)
         angle = float(torch.arccos(torch.dot(embeds[0].double(), embeds[-1].double()).clamp(-1, 1)))
         names = [None if s is None else str(s) for s in sources]
         extra = [
             {"interpolate": {"from": names[0], "to": names[1], "t": t, "angle": angle}} for t in _fractions(1.0, frames)
         ]
-        return _frame_records(self, images, text, None, extra)
+        return _decode_frames(self, embeds, text, None, extra)
 
     def embeddings(self, first: Image.Image, second: Image.Image, frames: int) -> list[torch.Tensor]:
         """The frames' CLIP image embeddings: `first`'s, `frames` - 2 between, `second`'s."""
-        _check_frames(frames)
+        check_frames(frames)
         # One image per CLIP call: the embedding of `first` is then exactly the one a variation
         # of it decodes (a batch of two could round differently).
         start, end = (self._embed_images([image])[0] for image in (first, second))
@@ -131,15 +124,6 @@ def _fractions(last: float, frames: int) -> list[float]:
     return [float(t) for t in np.linspace(0.0, last, frames)]
 
 
-def _check_text_diff(frames: int, max_angle: float, source_text: str, target_text: str) -> None:
-    _check_frames(frames)
-    if not 0 < max_angle <= 1:
-        raise InputError(f"--max-angle must be in (0, 1] (a fraction of the way to the text diff), got {max_angle}")
-    for option, caption in (("--from", source_text), ("--to", target_text)):
-        if not caption.strip():
-            raise InputError(f"{option} is empty: describe the image before and after the change")
-
-
 class TextDiff(InferenceScript):
     """The paper's text diff: rotate an image's embedding toward the normalized difference of
     two captions' text embeddings, z_d = normalize(z_t(to) - z_t(from)).
@@ -147,6 +131,8 @@ class TextDiff(InferenceScript):
     Frame k is slerp(z_i, z_d, θ_k) with θ rising linearly from 0 to `max_angle`: θ is the
     fraction of the angle between the image embedding and z_d (1 would decode z_d itself;
     the paper stays within 0.25-0.5)."""
+
+    command = "textdiff"
 
     def run(
         self,
@@ -160,21 +146,20 @@ class TextDiff(InferenceScript):
     ) -> list[GeneratedImage]:
         """`frames` images, frame 0 decoding `image`'s own embedding (θ = 0), all with the
         script's seed. `text` conditions decoders that take text (as for variations)."""
-        _check_text_diff(frames, max_angle, source_text, target_text)
+        check_text_diff(frames, max_angle, source_text, target_text)
         self._start(uses_prior=False)
         embeds = self.embeddings(image, source_text, target_text, frames, max_angle)
-        images = _frame_images(self, embeds, text)
         extra = [
             {"textdiff": {"from": source_text, "to": target_text, "theta": theta}}
             for theta in _fractions(max_angle, frames)
         ]
-        return _frame_records(self, images, text, source, extra)
+        return _decode_frames(self, embeds, text, source, extra)
 
     def embeddings(
         self, image: Image.Image, source_text: str, target_text: str, frames: int, max_angle: float
     ) -> list[torch.Tensor]:
         """The frames' CLIP image embeddings, slerp(z_i, z_d, θ) for θ from 0 to `max_angle`."""
-        _check_text_diff(frames, max_angle, source_text, target_text)
+        check_text_diff(frames, max_angle, source_text, target_text)
         image_embed = self._embed_images([image])[0]
         diff = self.text_diff(source_text, target_text)
         return [slerp(image_embed, diff, theta) for theta in _fractions(max_angle, frames)]
@@ -188,33 +173,39 @@ class TextDiff(InferenceScript):
         difference = embeds[1] - embeds[0]
         norm = difference.norm()
         if norm < 1e-6:
-            raise InputError("--from and --to have the same CLIP text embedding: there is no direction to move in")
+            raise InputError("the two captions have the same CLIP text embedding: there is no direction to move in")
         return difference / norm
+
+
+MAX_CANDIDATES = 64
 
 
 def candidate_seed(seed: int, candidate: int) -> int:
     """The seed of candidate `candidate` of an image whose seed is `seed`: the image's own seed
-    for candidate 0 (so reranking 1 candidate changes nothing), otherwise a 63-bit hash of
-    both, far from seed + k of the neighbouring images."""
+    for candidate 0 (so reranking 1 candidate changes nothing), otherwise a 31-bit hash of
+    both (as short as a drawn seed, for file names), unlikely to be near seed + k of the
+    neighbouring images."""
     if candidate == 0:
         return seed
     # SeedSequence takes non-negative entropy only; a negative seed maps to its 64-bit pattern.
-    state = np.random.SeedSequence([seed % 2**64, candidate]).generate_state(2, np.uint32)
-    return (int(state[0]) << 32 | int(state[1])) >> 1
+    return int(np.random.SeedSequence([seed % 2**64, candidate]).generate_state(1, np.uint32)[0]) >> 1
 
 
 class RerankedTextToImage(TextToImage):
     """Text to image, keeping the best of `candidates` images by CLIP image-text similarity."""
+
+    command = "text2im"
 
     def run(self, prompts: Sequence[str | Prompt], num_images: int = 1, candidates: int = 2) -> list[GeneratedImage]:
         """As `TextToImage.run`; each image is the best-scoring of `candidates`, the first of
         which is the image plain text-to-image makes with the same seed. The kept image's
         `seed` is its own (a plain run with it and one image makes it again); its settings
         record `rerank`: every candidate's seed and score, which was kept, and its score."""
-        if candidates < 1:
-            raise InputError(f"--rerank must be at least 1 candidate per image, got {candidates}")
+        if not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
+            raise SettingError("candidates", f"must be from 1 to {MAX_CANDIDATES} per image, got {candidates!r}")
         # Candidate 0 is exactly the plain run (whatever seed each image gets there) ...
-        firsts = super().run(prompts, num_images)
+        with self._held():
+            firsts = super().run(prompts, num_images)
         # ... and the others are lone images with seeds derived from it, so each is reproducible
         # alone and a batch of them equals them one by one (dalle2_cli.noise).
         others: list[GeneratedImage] = []
@@ -224,7 +215,8 @@ class RerankedTextToImage(TextToImage):
                 for first in firsts
                 for j in range(1, candidates)
             ]
-            others = super().run(requests)
+            with self._held():
+                others = super().run(requests)
         text_embeds = self._text_embeds([first.prompt or "" for first in firsts])
         kept = []
         for i, first in enumerate(firsts):
@@ -239,7 +231,12 @@ class RerankedTextToImage(TextToImage):
                 "scores": scores,
                 "seeds": [g.seed for g in group],
             }
-            kept.append(replace(group[best], index=first.index, settings={**first.settings, "rerank": rerank}))
+            chosen = group[best]
+            kept.append(
+                self._made(
+                    chosen.image, chosen.seed, first.index, chosen.prompt, None, {**first.settings, "rerank": rerank}
+                )
+            )
         return kept
 
     def clip_scores(self, images: Sequence[Image.Image], text: str) -> list[float]:
@@ -273,51 +270,3 @@ def rerank_summary(item: GeneratedImage) -> str | None:
         f"rerank {item.prompt!r} image {item.index}: kept candidate {rerank['kept']} "
         f"(score {rerank['score']:.4f}, seed {item.seed}) of {rerank['candidates']}: {scores}"
     )
-
-
-class AnimationFormat(StrEnum):
-    gif = "gif"
-    webp = "webp"
-
-
-def check_animation_format(fmt: AnimationFormat | str) -> AnimationFormat:
-    """Refuse, before any sampling, a format this Pillow cannot write."""
-    from PIL import features
-
-    fmt = AnimationFormat(fmt)
-    if fmt == AnimationFormat.webp and not features.check("webp"):
-        raise InputError("this Pillow was built without WebP support: use --format gif")
-    return fmt
-
-
-def animation_path(directory: Path, stem: str, fmt: AnimationFormat | str, overwrite: bool = False) -> Path:
-    """`stem.gif`; when that exists (and not `overwrite`), `stem-2.gif`, `stem-3.gif`, ..."""
-    fmt = AnimationFormat(fmt)
-    candidate, counter = directory / f"{stem}.{fmt.value}", 2
-    while candidate.exists() and not overwrite:
-        candidate = directory / f"{stem}-{counter}.{fmt.value}"
-        counter += 1
-    return candidate
-
-
-def save_animation(
-    images: Sequence[Image.Image], path: Path, fmt: AnimationFormat | str | None = None, duration_ms: int = 250
-) -> Path:
-    """An endlessly looping animation of `images`, one frame each, written whole or not at all.
-
-    `fmt` defaults to the file's suffix. GIF holds 256 colours a frame, so its frames are
-    quantized; WebP is written lossless. Both store a frame identical to the one before as
-    more time on that one (Pillow's GIF writer and libwebp do it), so the timing stays right;
-    frames all alike make a one-frame file (for WebP, a still image without timing)."""
-    if len(images) < 2:
-        raise ValueError("an animation needs at least 2 frames")
-    if duration_ms < 1:
-        raise InputError(f"--duration must be at least 1 millisecond, got {duration_ms}")
-    fmt = check_animation_format(fmt or path.suffix.lstrip(".").lower())
-    frames = [image.convert("RGB") for image in images]
-    options: dict = {"save_all": True, "append_images": frames[1:], "duration": duration_ms, "loop": 0}
-    if fmt == AnimationFormat.webp:
-        options.update(lossless=True, quality=100, method=4)
-    with atomic_path(path) as tmp:
-        frames[0].save(tmp, format=fmt.value.upper(), **options)
-    return path

@@ -6,6 +6,7 @@ import json
 import math
 import re
 import string
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,16 +14,35 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dalle2_cli.atomic import atomic_path
+from dalle2_cli.atomic import atomic_path, numbered, write_new
 from dalle2_cli.errors import InputError
 
 METADATA_KEY = "dalle2-cli"
 
 
+MAX_STEM_BYTES = 200  # a file name's stem, in UTF-8; with "-NNN.png" it stays under 255 bytes
+
+
 def slug(text: str, limit: int = 48, lower: bool = True) -> str:
-    """A file-name-safe version of a prompt: letters, digits, '-', '_' and '.' inside."""
-    words = re.sub(r"[^A-Za-z0-9_.]+|\.{2,}", "-", text.lower() if lower else text).strip("-.")
-    return words[:limit].rstrip("-.") or "image"
+    """A file-name-safe version of a prompt: letters (of any script; accents dropped, so
+    "über ñandú" is "uber-nandu"), digits, '-', '_' and '.' inside."""
+    text = "".join(_plain_letter(c) for c in unicodedata.normalize("NFC", text))
+    words = re.sub(r"[^\w.]+|\.{2,}", "-", text.lower() if lower else text).strip("-.")
+    return _cut(words[:limit]).rstrip("-.") or "image"
+
+
+def _plain_letter(char: str) -> str:
+    """A Latin letter without its accent (ü -> u, ﬁ -> fi); any other character as it is (a
+    kana's voicing mark is part of the letter, not an accent)."""
+    parts = unicodedata.normalize("NFKD", char)
+    if parts[0].isascii():
+        return "".join(part for part in parts if not unicodedata.combining(part))
+    return char
+
+
+def _cut(text: str, most: int = MAX_STEM_BYTES) -> str:
+    """`text` shortened to at most `most` bytes of UTF-8, on a character boundary."""
+    return text.encode()[:most].decode(errors="ignore")
 
 
 NAME_FIELDS = ("prompt", "seed", "index", "source", "command")
@@ -46,19 +66,25 @@ def check_name_template(template: str) -> str:
 def render_name(template: str, **fields: Any) -> str:
     """The file stem for one image: every field slugged, so that no value can make a path."""
     safe = {key: slug(str(value)) if value is not None else "none" for key, value in fields.items()}
-    return slug(template.format(**safe), limit=120, lower=False)
+    return slug(template.format(**safe), limit=MAX_STEM_BYTES, lower=False)
 
 
-def output_path(directory: Path, stem: str, taken: set[Path], overwrite: bool = False) -> Path:
-    """`stem.png`; when that exists (and not `overwrite`) or was named earlier in this run,
-    `stem-2.png`, `stem-3.png`, ..."""
-    candidate = directory / f"{stem}.png"
-    counter = 2
-    while candidate in taken or (candidate.exists() and not overwrite):
-        candidate = directory / f"{stem}-{counter}.png"
-        counter += 1
-    taken.add(candidate)
-    return candidate
+class NameCounter:
+    """The names a run gives its files: `stem`, then `stem-2`, `stem-3`, ... for a stem given
+    again, never one given before (a later "a-2" prompt does not take the second "a"'s name).
+    Each stem remembers where it got to, so that thousands of equal prompts stay cheap."""
+
+    def __init__(self) -> None:
+        self.taken: set[str] = set()
+        self.next: dict[str, int] = {}
+
+    def name(self, stem: str, suffix: str = ".png") -> str:
+        number = self.next.get(stem, 1)
+        while (name := numbered(Path(), stem, suffix, number).name) in self.taken:
+            number += 1
+        self.next[stem] = number + 1
+        self.taken.add(name)
+        return name
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
@@ -99,38 +125,44 @@ def grid_rows(groups: Sequence[Sequence[Image.Image]], rows: int | None = None) 
     return [images[i : i + per_row] for i in range(0, len(images), per_row)]
 
 
-def write_images(
-    generated: Sequence[Any],
-    directory: Path,
-    common: dict[str, Any],
-    template: str = DEFAULT_NAME,
-    overwrite: bool = False,
-) -> list[dict[str, Any]]:
-    """Save each generated image (dalle2_cli.inference.GeneratedImage) as a PNG whose metadata
-    holds its prompt, seed and settings plus `common` (command, config, model files, tool);
-    return one record per image, as `--json` prints them."""
-    taken: set[Path] = set()
-    records = []
-    for item in generated:
+class ImageWriter:
+    """Saves a run's images into a directory as they are made, each a PNG with its metadata,
+    under its own new name (a run beside it writing the same names never replaces one; with
+    `overwrite`, files of the same name are replaced)."""
+
+    def __init__(self, directory: Path, template: str = DEFAULT_NAME, overwrite: bool = False):
+        self.directory, self.template, self.overwrite = directory, template, overwrite
+        self.records: list[dict[str, Any]] = []
+        self.images: list[Any] = []  # the GeneratedImage of each record
+        self._next: dict[str, int] = {}  # where each stem's numbering got to
+
+    def stem(self, item: Any) -> str:
+        command = item.provenance.get("command", "image")
         source_stem = Path(item.source).stem if item.source else None
-        stem = render_name(
-            template,
-            prompt=item.prompt or source_stem or common.get("command", "image"),
+        return render_name(
+            self.template,
+            prompt=item.prompt or source_stem or command,
             seed=item.seed,
             index=item.index,
             source=source_stem or "none",
-            command=common.get("command", "image"),
+            command=command,
         )
-        path = output_path(directory, stem, taken, overwrite)
-        records.append(save_generated(item, path, common))
-    return records
+
+    def write(self, item: Any) -> dict[str, Any]:
+        """Save one dalle2_cli.inference.GeneratedImage; its record, as `--json` prints it."""
+        stem = self.stem(item)
+        first = 1 if self.overwrite else self._next.get(stem, 1)
+        path, number = write_new(self.directory, stem, ".png", item.save, self.overwrite, first)
+        self._next[stem] = number + 1
+        record = image_record(item, path)
+        self.records.append(record)
+        self.images.append(item)
+        return record
 
 
-def save_generated(item: Any, path: Path, common: dict[str, Any]) -> dict[str, Any]:
-    """Save one generated image at `path` with its own settings plus `common` in its metadata;
-    return its record (one entry of `--json`'s "images")."""
+def image_record(item: Any, path: Path) -> dict[str, Any]:
+    """One entry of `--json`'s "images"."""
     own = {"prompt": item.prompt, "seed": item.seed, "index": item.index, "source": item.source}
-    save_png(item.image, path, {**own, **item.settings, **common})
     return {"path": str(path), **own, "width": item.image.width, "height": item.image.height, "settings": item.settings}
 
 
@@ -140,7 +172,7 @@ def run_metadata(command: str, config_name: str, config_path: Any, model_files: 
     from dalle2_cli import __version__
     from dalle2_cli.files import model_file_sha256
 
-    return {
+    return {  # the digests of the bytes as they are now, hashed this run (not a record of earlier)
         "command": command,
         "config": config_name,
         "config_path": str(config_path),
@@ -162,16 +194,11 @@ def rows_by_input(indexed: Iterable[tuple[int, Image.Image]]) -> list[list[Image
 
 
 def write_grid(
-    groups: Sequence[Sequence[Image.Image]],
-    directory: Path,
-    taken_names: Sequence[str],
-    rows: int | None = None,
-    overwrite: bool = False,
+    groups: Sequence[Sequence[Image.Image]], directory: Path, rows: int | None = None, overwrite: bool = False
 ) -> Path:
     """A contact sheet of a run's images (a row per prompt or input, or `rows` rows)."""
-    path = output_path(directory, "grid", {Path(name) for name in taken_names}, overwrite)
-    with atomic_path(path) as tmp:
-        contact_sheet(grid_rows(groups, rows)).save(tmp, format="PNG")
+    sheet = contact_sheet(grid_rows(groups, rows))
+    path, _ = write_new(directory, "grid", ".png", lambda tmp: sheet.save(tmp, format="PNG"), overwrite)
     return path
 
 

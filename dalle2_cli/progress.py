@@ -30,7 +30,8 @@ class _Speed(ProgressColumn):
 
 
 class NoProgress:
-    """The silent stand-in: what scripts use when no bars are wanted (and from Python)."""
+    """No bars: what scripts use when none are wanted (and from Python). dalle2-pytorch's own
+    per-step tqdm bars stay silent too."""
 
     def __enter__(self) -> NoProgress:
         return self
@@ -46,7 +47,28 @@ class NoProgress:
 
     @contextlib.contextmanager
     def loops(self, labels: list[str]) -> Iterator[None]:
-        yield
+        """dalle2-pytorch's next sampling loops go through `_follow`, one label each."""
+        from dalle2_pytorch import dalle2_pytorch as module
+
+        pending = list(labels)
+
+        def tracked(iterable: Iterable, desc: str | None = None, total: int | None = None, **_ignored) -> Iterable:
+            if desc is None or not pending:
+                return iterable
+            label = pending.pop(0)
+            if total is None and hasattr(iterable, "__len__"):
+                total = len(iterable)
+            return self._follow(iterable, label, total)
+
+        original = module.tqdm
+        module.tqdm = tracked
+        try:
+            yield
+        finally:
+            module.tqdm = original
+
+    def _follow(self, iterable: Iterable, label: str, total: int | None) -> Iterable:
+        return iterable
 
 
 class StageProgress(NoProgress):
@@ -93,31 +115,9 @@ class StageProgress(NoProgress):
     def advance(self, label: str, steps: int = 1) -> None:
         self._bars.advance(self._tasks[label], steps)
 
-    @contextlib.contextmanager
-    def loops(self, labels: list[str]) -> Iterator[None]:
-        """dalle2-pytorch's next sampling loops advance the bars `labels`, one loop each."""
-        from dalle2_pytorch import dalle2_pytorch as module
-
-        pending = list(labels)
-
-        def tracked(iterable: Iterable, desc: str | None = None, total: int | None = None, **_ignored) -> Iterable:
-            if desc is None or not pending:
-                return iterable
-            label = pending.pop(0)
-            if total is None and hasattr(iterable, "__len__"):
-                total = len(iterable)
-            if total is not None:
-                self._loop_length(label, total)
-            return self._advancing(iterable, label)
-
-        original = module.tqdm
-        module.tqdm = tracked
-        try:
-            yield
-        finally:
-            module.tqdm = original
-
-    def _advancing(self, iterable: Iterable, label: str) -> Iterator:
+    def _follow(self, iterable: Iterable, label: str, total: int | None) -> Iterator:
+        if total is not None:
+            self._loop_length(label, total)
         for item in iterable:
             yield item
             self.advance(label)

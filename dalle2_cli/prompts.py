@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.settings import check_count, check_seed
 
 FIELDS = {"prompt", "n", "seed"}
 
@@ -29,10 +30,15 @@ class Prompt:
     seed: int | None = None  # None: the run's --seed
 
 
+# Far more text than the most images a run may make could use: a bigger input is a mistake.
+PROMPTS_LIMIT = 64 * 2**20
+
+
 def read_prompts(source: str) -> list[Prompt]:
-    """The prompts in file `source` (`-` for standard input), checked."""
+    """The prompts in file `source` (`-` for standard input), checked. A pipe is read (as
+    `--prompts-file <(command)` gives one), up to PROMPTS_LIMIT bytes."""
     if source == "-":
-        text, name = sys.stdin.read(), "standard input"
+        data, name = sys.stdin.buffer.read(PROMPTS_LIMIT + 1), "standard input"
     else:
         path = Path(source)
         if not path.exists():
@@ -40,10 +46,17 @@ def read_prompts(source: str) -> list[Prompt]:
         if path.is_dir():
             raise InputError(f"prompts file {path} is a directory")
         try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise InputError(f"cannot read prompts file {path}: {error}") from None
+            with open(path, "rb") as handle:
+                data = handle.read(PROMPTS_LIMIT + 1)
+        except OSError as error:
+            raise InputError(f"cannot read prompts file {path}: {error.strerror or error}") from None
         name = str(path)
+    if len(data) > PROMPTS_LIMIT:
+        raise InputError(f"{name} holds more than {PROMPTS_LIMIT // 2**20} MB of prompts: split it into several runs")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise InputError(f"{name} is not UTF-8 text (byte {error.start} is {data[error.start]:#04x})") from None
     prompts = parse_prompts(text, name)
     if not prompts:
         raise InputError(f"{name} holds no prompts: write one per line")
@@ -55,7 +68,7 @@ def parse_prompts(text: str, name: str = "prompts") -> list[Prompt]:
     if stripped.startswith("["):
         try:
             items = json.loads(text)
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, RecursionError) as error:
             raise InputError(f"{name} is not valid JSON: {error}") from None
         if not isinstance(items, list):
             raise InputError(f"{name} must hold a JSON list of prompts")
@@ -67,7 +80,7 @@ def parse_prompts(text: str, name: str = "prompts") -> list[Prompt]:
         for number, line in lines:
             try:
                 item = json.loads(line)
-            except json.JSONDecodeError as error:
+            except (json.JSONDecodeError, RecursionError) as error:
                 raise InputError(f"{name} line {number} is not a JSON object: {error}") from None
             prompts.append(_prompt(item, f"{name} line {number}"))
         return prompts
@@ -86,17 +99,11 @@ def _prompt(item: Any, where: str) -> Prompt:
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"{where}: the prompt is missing or empty")
     count, seed = item.get("n"), item.get("seed")
-    if count is not None and (not isinstance(count, int) or isinstance(count, bool) or count < 1):
-        raise InputError(f'{where}: "n" must be a whole number of at least 1, got {count!r}')
-    if seed is not None:
-        check_seed(seed, f'{where}: "seed"')
+    try:
+        if count is not None:
+            check_count(count, '"n"')
+        if seed is not None:
+            check_seed(seed, '"seed"')
+    except SettingError as error:
+        raise InputError(f"{where}: {error}") from None
     return Prompt(text.strip(), count, seed)
-
-
-MAX_SEED = 2**63 - 1
-
-
-def check_seed(seed: Any, what: str = "--seed") -> int:
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
-        raise InputError(f"{what} must be a whole number from 0 to 2**63-1, got {seed!r}")
-    return seed

@@ -37,8 +37,9 @@ from typing import Any, TypeVar
 
 from dalle2_cli.atomic import remove_leftovers
 from dalle2_cli.errors import InputError
-from dalle2_cli.output import DEFAULT_NAME, output_path, render_name
+from dalle2_cli.output import DEFAULT_NAME, NameCounter, render_name
 from dalle2_cli.prompts import Prompt
+from dalle2_cli.settings import check_count, check_total
 
 MANIFEST_PREFIX = "manifest-rank"
 MANIFEST_FORMAT = 1
@@ -88,22 +89,22 @@ class Job:
 def plan_jobs(prompts: Sequence[Prompt | str], num_images: int, seed: int, template: str = DEFAULT_NAME) -> list[Job]:
     """Every image a one-process `text2im` run makes, in its order, with the seed and the file
     name that run gives it in an empty directory (a repeated name gets -2, -3, ...)."""
+    requests = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+    counts = [check_count(num_images if r.num_images is None else r.num_images) for r in requests]
+    check_total(sum(counts))
     jobs: list[Job] = []
-    taken: set[Path] = set()
-    for prompt_number, request in enumerate(prompts):
-        request = request if isinstance(request, Prompt) else Prompt(request)
-        count = num_images if request.num_images is None else request.num_images
-        if count < 1 or not request.text.strip():
-            raise InputError(f"prompt {prompt_number + 1}: give a prompt and at least 1 image, got {request!r}")
+    # Only names given earlier in the plan count, never files on disk, so that every process
+    # (and every later --resume) names the files alike.
+    names = NameCounter()
+    for prompt_number, (request, count) in enumerate(zip(requests, counts, strict=True)):
+        if not request.text.strip():
+            raise InputError(f"prompt {prompt_number + 1} is empty: describe the image to make")
         base = seed if request.seed is None else request.seed
         for index in range(count):
             stem = render_name(
                 template, prompt=request.text, seed=base + index, index=index, source="none", command=COMMAND
             )
-            # overwrite=True: only names taken earlier in the plan count, never files on disk,
-            # so that every process (and every later --resume) names the files alike.
-            name = output_path(Path(), stem, taken, overwrite=True).name
-            jobs.append(Job(len(jobs), prompt_number, request.text, index, base + index, name))
+            jobs.append(Job(len(jobs), prompt_number, request.text, index, base + index, names.name(stem)))
     return jobs
 
 
@@ -309,7 +310,7 @@ def prepare(
     }
     if recorded is not None:
         check_same_settings(recorded, settings, directory)
-    finished = {job.file for job in jobs if job.file in state.finished and (directory / job.file).is_file()}
+    finished = {job.file for job in jobs if job.file in state.finished and complete_png(directory / job.file)}
     if recorded is None and not overwrite:
         clashing = [job.file for job in jobs if (directory / job.file).exists()]
         if clashing:
@@ -325,6 +326,19 @@ def prepare(
         if missing:
             todo.append((number, missing))
     return Plan(seed, digest, settings, todo, len(finished), recorded)
+
+
+def complete_png(path: Path) -> bool:
+    """Whether `path` is a whole, readable PNG (a recorded image that was since emptied or cut
+    short is made again)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every row: a file cut short fails here
+        return True
+    except Exception:  # noqa: BLE001 - Pillow raises many kinds of error for a damaged file
+        return False
 
 
 # -- running ---------------------------------------------------------------------------------
@@ -437,6 +451,7 @@ def run_text2im(
     grid_rows: int | None = None,
     progress: bool = False,
     say: Callable[[str], None] = _stderr,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any] | None:
     """Make `num_images` images per prompt into `directory` with this process's share of the
     batches, recording each in this process's manifest; with `resume`, skip what the
@@ -444,7 +459,8 @@ def run_text2im(
 
     `model_config`: a dalle2_cli.config.ModelLoadConfig; `settings`: SamplingSettings (its
     seed, when None, is drawn once for all processes); `load`: DalleModelManager's keyword
-    arguments. Returns the report (`--json`'s object: the images written, per-process
+    arguments; `say` gets what is loaded and made, `warn` warnings (default: `say`). Returns
+    the report (`--json`'s object: the images written, per-process
     figures) on the main process, None on the others.
     """
     import functools
@@ -455,7 +471,7 @@ def run_text2im(
     from dalle2_cli.inference import SamplingSettings, TextToImage
     from dalle2_cli.manager import DalleModelManager
     from dalle2_cli.models import download_config
-    from dalle2_cli.output import run_metadata, save_generated
+    from dalle2_cli.output import image_record
 
     settings = settings or SamplingSettings()
     load = dict(load or {})
@@ -497,7 +513,12 @@ def run_text2im(
             download_config(model_config, name, quiet=not (main and progress))
         load["device"] = _device(load.get("device") or model_config.device, state.local_process_index)
         manager = DalleModelManager(
-            model_config, resolve=functools.partial(resolve_file, config_name=name), log=log, **load
+            model_config,
+            resolve=functools.partial(resolve_file, config_name=name, quiet=not progress),
+            log=log,
+            warn=(lambda message: log(f"warning: {message}")) if warn is None or process else warn,
+            name=name,
+            **load,
         )
         script = TextToImage(manager, dataclasses.replace(settings, seed=plan.seed))
         current = model_settings(script)
@@ -510,7 +531,6 @@ def run_text2im(
         _all_agree(state, error)
         log.loading = False
 
-        common = run_metadata(COMMAND, name, model_config.source_path, manager.files)
         records: list[dict[str, Any]] = []
         with (
             ManifestWriter(directory, process, {**plan.settings, **current}, name) as manifest,
@@ -525,7 +545,7 @@ def run_text2im(
                     if job.number not in missing:
                         continue  # finished by an earlier run: the batch ran whole only to keep pixels exact
                     item = dataclasses.replace(item, index=job.index)  # run alone, each image was index 0
-                    records.append({"job": job.number, **save_generated(item, directory / job.file, common)})
+                    records.append({"job": job.number, **image_record(item, item.save(directory / job.file))})
                     manifest.record(job)
             seconds = time.perf_counter() - start
 

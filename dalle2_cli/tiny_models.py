@@ -123,21 +123,24 @@ def make_prior(path: Path, layout: Layout = "tracker") -> None:
 
 
 def make_decoder(
-    path: Path, image_sizes: list[int], train_unets: list[int], layout: Layout = "tracker", timesteps: int = 100
+    path: Path,
+    image_sizes: list[int],
+    train_unets: list[int],
+    layout: Layout = "tracker",
+    timesteps: int = 100,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    config = decoder_config(image_sizes, base=True, timesteps=timesteps)
+    """`extra`: more of the decoder's config (its `use_noise_for_lowres_cond`, say)."""
+    config = {**decoder_config(image_sizes, base=True, timesteps=timesteps), **(extra or {})}
     decoder = DecoderConfig(**config).create()
     trainer = DecoderTrainer(decoder, lr=1e-4, ema_beta=0.9, ema_update_after_step=0, ema_update_every=1)
     batch = 2
     images = torch.rand(batch, 3, image_sizes[-1], image_sizes[-1])
+    takes_text = any(unet.get("cond_on_text_encodings") for unet in config["unets"])
     for number in train_unets:
         for _ in range(TRAIN_STEPS):
-            trainer(
-                images,
-                image_embed=torch.randn(batch, EMBED_DIM),
-                text_encodings=torch.randn(batch, TEXT_LEN, EMBED_DIM),
-                unet_number=number,
-            )
+            text = {"text_encodings": torch.randn(batch, TEXT_LEN, EMBED_DIM)} if takes_text else {}
+            trainer(images, image_embed=torch.randn(batch, EMBED_DIM), unet_number=number, **text)
             trainer.update(number)
     _save(trainer, layout, path, "decoder", config)
 

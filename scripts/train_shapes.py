@@ -43,11 +43,13 @@ from safetensors.torch import save_file  # noqa: E402
 
 from dalle2_cli.atomic import atomic_path  # noqa: E402
 from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
-from dalle2_cli.config import load_config  # noqa: E402
+from dalle2_cli.config import PACKAGE_DIR, load_config  # noqa: E402
+from dalle2_cli.files import sha256_of  # noqa: E402
 from dalle2_cli.images import to_pil  # noqa: E402
 from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "dalle2_cli" / "weights" / "shapes"
 STAGES = ("clip", "prior", "decoder-base", "decoder-upsampler")
 EMBED = 64
 TEXT_LEN = 16
@@ -445,12 +447,20 @@ def parse_steps(entries: list[str], parser: argparse.ArgumentParser) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=ROOT / "dalle2_cli" / "weights" / "shapes")
+    parser.add_argument("--out", type=Path, default=SHIPPED)
     parser.add_argument("--work-dir", type=Path, default=ROOT / ".shapes-train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every stage's step count")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--record-digests",
+        type=Path,
+        default=None,
+        metavar="CONFIG",
+        help="write the trained files' sha256 into CONFIG, which names them (default: configs/shapes.json when "
+        "--out is the shipped folder)",
+    )
     parser.add_argument(
         "--stages",
         default=",".join(STAGES),
@@ -512,7 +522,29 @@ def main() -> None:
             train_decoder(
                 name, config, unet, steps, plan, pool, work, args.seed, args.resume, args.out, checked, args.probe_every
             )
+    digests = args.record_digests or (
+        ROOT / "configs" / "shapes.json" if args.out.resolve() == SHIPPED.resolve() else None
+    )
+    if digests is not None:
+        record_digests(digests)
     print(f"done in {time.time() - started:.0f}s; files in {args.out}", flush=True)
+
+
+def record_digests(config_path: Path) -> None:
+    """Write each model file's sha256 into the config that names it (`package://` paths, or
+    paths relative to the config): a config promises its files' digests, and a retrained file
+    under a stale digest would be refused."""
+    import json
+
+    data = json.loads(config_path.read_text())
+    entries = [data["clip"]["load_model_from"], data["prior"]["load_model_from"]]
+    entries += [source["load_model_from"] for source in data["decoder"]["unet_sources"]]
+    for entry in entries:
+        name = entry["path"]
+        path = PACKAGE_DIR / name.removeprefix("package://") if name.startswith("package://") else Path(name)
+        entry["sha256"] = sha256_of(config_path.parent / path)
+    with atomic_path(config_path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import pytest
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from dalle2_cli.tiny_models import write_tiny_model  # noqa: E402
+from tests.http_server import FakeServer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +28,19 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_config(tiny_models) -> Path:
     return tiny_models["tracker"]
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1 (tests/http_server.py)."""
+    served = FakeServer()
+    yield served
+    served.close()
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """Downloads that retry at once, and online."""
+    monkeypatch.setenv("DALLE2_DOWNLOAD_BACKOFF", "0.01")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)

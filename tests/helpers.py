@@ -32,3 +32,17 @@ def run_cli(
     if check and result.returncode != 0:
         raise AssertionError(f"dalle2 {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
     return result
+
+
+def invoke(*args: str, input: str | None = None, env: dict | None = None):
+    """The `dalle2` command in this process (typer's CliRunner): for contracts that need no
+    process of their own. Returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from dalle2_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -79,25 +79,6 @@ def test_safetensors_with_metadata(tmp_path):
     assert torch.equal(checkpoint.state_dict["net.w"], torch.arange(4.0))
 
 
-class Payload:
-    """Unpickling this would create a file: the proof that code ran."""
-
-    marker: Path
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_pickled_code_is_refused_and_never_runs(tmp_path):
-    payload = Payload()
-    payload.marker = tmp_path / "code-ran"
-    path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.ones(1)}, "extra": payload}, path)
-    with pytest.raises(InputError, match=r"refusing to load .*pickled Python object \(.+\) that could run code"):
-        read_checkpoint(path)
-    assert not payload.marker.exists()
-
-
 def test_non_checkpoint_files_are_refused(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint")

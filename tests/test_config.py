@@ -123,9 +123,15 @@ def test_per_unet_defaults_must_match_the_unet_count():
             "plain file name",
         ),
         (
-            {"prior": {"load_model_from": {"load_type": "local", "path": "x"}, "defualt_cond_scale": 2}},
-            "prior.defualt_cond_scale",
-            "unknown key",
+            {"prior": {"load_model_from": {"load_type": "local", "path": "x"}, "default_cond_scale": float("nan")}},
+            "prior.default_cond_scale",
+            "finite number",
+        ),
+        ({"decoder": {"unet_sources": [{"unet_numbers": [1, 10**7]}]}}, "unet_numbers.1", "less than or equal to 16"),
+        (
+            {"prior": {"load_model_from": {"load_type": "url", "path": "https://a/b", "filename_override": "x" * 300}}},
+            "filename_override",
+            "at most 255",
         ),
         ({"clip": {"make": "x-clip"}}, "clip", "architecture"),
         ({"clip": {"make": "dalle"}}, "clip.make", "'openai'"),

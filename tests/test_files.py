@@ -15,24 +15,14 @@ import pytest
 from dalle2_cli.config import File, ModelLoadConfig
 from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.files import cache_path, default_cache_dir, partial_path, resolve_file
-from tests.http_server import FakeServer
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 DIGEST = hashlib.sha256(BODY).hexdigest()
 
 
-@pytest.fixture
-def server():
-    served = FakeServer()
-    yield served
-    served.close()
-
-
 @pytest.fixture(autouse=True)
-def fast_retries(monkeypatch):
-    monkeypatch.setenv("DALLE2_DOWNLOAD_BACKOFF", "0.01")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+def online(fast_retries):
+    pass
 
 
 def url_file(server, path, tmp_path, **extra) -> File:
@@ -326,3 +316,20 @@ def test_resume_state_is_kept_beside_the_partial_file(server, tmp_path, monkeypa
     file = cut_without_retries(server, tmp_path, monkeypatch)
     state = json.loads(Path(str(partial_path(cache_path(file))) + ".json").read_text())
     assert state["url"] == server.url("/m.pth") and state["validator"]
+
+
+def test_a_checksum_file_that_is_no_digest_is_a_version_marker(server, tmp_path, capsys):
+    # dalle2-laion's gradio and upsampler examples point checksum_file_path at a JSON config's
+    # own raw/main address: its text, whatever it is, says which version is current.
+    server.serve("/m.pth", BODY)
+    server.serve("/raw/config.json", b'{"decoder": {"unets": [{"dim": 16}]}}')
+    file = url_file(server, "/m.pth", tmp_path, checksum_file_path=server.url("/raw/config.json"))
+    assert resolve_file(file).read_bytes() == BODY
+    assert resolve_file(file).read_bytes() == BODY
+    assert len(server.gets("/m.pth")) == 1  # the same text: the cached file is current
+    new_body = BODY[::-1]
+    server.serve("/m.pth", new_body)
+    server.serve("/raw/config.json", b'{"decoder": {"unets": [{"dim": 32}]}}')
+    assert resolve_file(file).read_bytes() == new_body
+    assert len(server.gets("/m.pth")) == 2
+    assert "its checksum file changed upstream" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_prompts_from_stdin_and_from_arguments_together(tiny_config, tmp_path):
     [
         ("", "holds no prompts"),
         ('{"prompt": "a red circle", "steps": 3}\n', "unknown key(s) steps"),
-        ('{"prompt": "a red circle", "n": 0}\n', '"n" must be a whole number'),
+        ('{"prompt": "a red circle", "n": 0}\n', '"n" must be at least 1, got 0'),
         ('["a red circle", ""]', "item 2: the prompt is missing or empty"),
         ('{"prompt": "a red circle"\n', "line 1 is not a JSON object"),
     ],
@@ -181,6 +181,7 @@ def test_long_prompts_are_cut_with_a_warning_naming_the_words_left_out(tiny_conf
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if "longer than CLIP" in line]
     assert len(warning) == 1 and "word99" in warning[0] and "word0 " not in warning[0]
+    assert len(warning[0]) < 200 and "(93 words)" in warning[0]  # one short line, however long the prompt
 
 
 # -- progress ----------------------------------------------------------------------------------

@@ -71,9 +71,9 @@ def test_config_defaults_apply_without_options(manager):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (SamplingSettings(prior_steps=101), "prior steps must be between 1 and 100"),
+        (SamplingSettings(prior_steps=101), "prior_steps must be between 1 and 100"),
         (SamplingSettings(decoder_steps=[1, 2, 3]), "3 values but the decoder has 2 unets"),
-        (SamplingSettings(decoder_steps=[500]), "decoder steps for unet 1 must be between 1 and 100"),
+        (SamplingSettings(decoder_steps=[500]), "decoder_steps for unet 1 must be between 1 and 100"),
     ],
 )
 def test_bad_settings_are_refused_before_sampling(manager, settings, message):

@@ -47,4 +47,4 @@ def test_inspect_command(tiny_models, tmp_path):
     text = run_cli("inspect", str(path), check=True).stdout
     assert "tracker model save" in text and "dalle2-pytorch 1.15.6" in text
     missing = run_cli("inspect", str(tmp_path / "nope.pth"))
-    assert missing.returncode == 2 and "is not a file" in missing.stderr
+    assert missing.returncode == 2 and "checkpoint not found" in missing.stderr

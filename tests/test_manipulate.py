@@ -12,19 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
+from dalle2_cli.animation import save_animation
 from dalle2_cli.clip import tokenize
 from dalle2_cli.config import load_config
 from dalle2_cli.errors import InputError
 from dalle2_cli.inference import InferenceScript, SamplingSettings, TextToImage
 from dalle2_cli.manager import DalleModelManager
-from dalle2_cli.manipulate import (
-    Interpolation,
-    RerankedTextToImage,
-    TextDiff,
-    candidate_seed,
-    save_animation,
-    slerp,
-)
+from dalle2_cli.manipulate import Interpolation, RerankedTextToImage, TextDiff, candidate_seed, slerp
 from dalle2_cli.output import read_metadata
 from tests.helpers import run_cli
 
@@ -170,11 +164,12 @@ def test_text_diff_frames_rotate_the_image_toward_the_diff(manager):
 
 def test_the_scripts_refuse_bad_counts(manager):
     image = noise_picture()
-    with pytest.raises(InputError, match="--frames must be at least 2"):
+    # From Python, errors name the argument; the CLI names its option instead (below).
+    with pytest.raises(InputError, match="frames must be at least 2"):
         Interpolation(manager).run(image, image, frames=1)
-    with pytest.raises(InputError, match="--max-angle"):
+    with pytest.raises(InputError, match="max_angle must be in"):
         TextDiff(manager).run(image, "a", "b", max_angle=0)
-    with pytest.raises(InputError, match="--rerank must be at least 1"):
+    with pytest.raises(InputError, match="candidates must be from 1 to 64"):
         RerankedTextToImage(manager).run(["a red circle"], candidates=0)
 
 
@@ -300,7 +295,8 @@ def test_rerank_keeps_the_candidate_clip_scores_highest(tmp_path, tiny_config, m
         (["textdiff", "a.png", "--from", "a cat", "--to", "a dog", "--max-angle", "0"], "--max-angle must be in"),
         (["textdiff", "a.png", "--from", "a cat", "--to", "a dog", "--max-angle", "1.5"], "--max-angle must be in"),
         (["textdiff", "missing.png", "--from", "a cat", "--to", "a dog"], "missing.png"),
-        (["text2im", "a red circle", "--rerank", "0"], "--rerank must be at least 1"),
+        (["text2im", "a red circle", "--rerank", "0"], "--rerank must be from 1 to 64"),
+        (["interpolate", "a.png", "b.png", "--frames", "100000"], "--frames must be at most 1,000"),
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_config, args, message):

@@ -7,7 +7,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import pytest
 from filelock import FileLock
 
 from tests.helpers import edit_config, run_cli
@@ -15,13 +14,6 @@ from tests.http_server import COMMIT, FakeServer
 
 PRIOR = bytes(range(256)) * 200
 DECODER = bytes(reversed(range(256))) * 300
-
-
-@pytest.fixture
-def server():
-    served = FakeServer()
-    yield served
-    served.close()
 
 
 def env_for(tmp_path: Path, cache: str = "cache", **extra: str) -> dict[str, str]:

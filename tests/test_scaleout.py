@@ -174,7 +174,7 @@ def test_prepare_decides_what_is_left(tmp_path):
     assert fresh.todo == [(0, (0, 1)), (1, (2, 3)), (2, (4,))] and fresh.finished == 0
 
     for job in jobs[:3]:  # a first run finished three images and recorded two
-        (tmp_path / job.file).write_bytes(b"png")
+        Image.new("RGB", (4, 4)).save(tmp_path / job.file)
     with ManifestWriter(tmp_path, 1, fresh.settings) as manifest:
         manifest.record(jobs[0])
         manifest.record(jobs[1])

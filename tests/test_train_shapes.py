@@ -31,7 +31,12 @@ def train(*args: str) -> subprocess.CompletedProcess:
 
 def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
     out, work = tmp_path / "weights", tmp_path / "work"
-    first = train("--out", str(out), "--work-dir", str(work))
+    # The shipped config, pointed at the files this run writes, with their digests recorded.
+    shipped = json.loads((ROOT / "configs" / "shapes.json").read_text())
+    text = json.dumps(shipped).replace("package://weights/shapes", str(out))
+    assert str(PACKAGE_DIR) not in text
+    (tmp_path / "tiny-shapes.json").write_text(text)
+    first = train("--out", str(out), "--work-dir", str(work), "--record-digests", str(tmp_path / "tiny-shapes.json"))
     assert first.returncode == 0, first.stderr
     assert "[decoder-upsampler]" in first.stdout and "done in" in first.stdout
     assert {p.name for p in out.iterdir()} == {
@@ -45,11 +50,9 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
     new_file_mode = 0o666 & ~current_umask()
     assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: new_file_mode for p in out.iterdir()}
 
-    # The shipped config, pointed at these files, loads every stage strictly.
-    shipped = json.loads((ROOT / "configs" / "shapes.json").read_text())
-    text = json.dumps(shipped).replace("package://weights/shapes", str(out))
-    assert str(PACKAGE_DIR) not in text
-    (tmp_path / "tiny-shapes.json").write_text(text)
+    # That config loads every stage strictly, each file checked against its new digest.
+    recorded = json.loads((tmp_path / "tiny-shapes.json").read_text())
+    assert recorded["prior"]["load_model_from"]["sha256"] != shipped["prior"]["load_model_from"]["sha256"]
     manager = DalleModelManager(load_config(str(tmp_path / "tiny-shapes.json")), log=lambda _: None)
     assert manager.decoder.num_unets == 2 and manager.prior is not None
 

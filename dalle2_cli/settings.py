@@ -1,0 +1,100 @@
+"""How to sample, as a typed object checked when it is made: no torch here, so that a command
+refuses a bad setting before it imports anything heavy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dalle2_cli.errors import InputError, SettingError
+
+# The most images one run may ask for: a typo (n = 10**9) must be refused, not planned.
+MAX_IMAGES = 100_000
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class SamplingSettings:
+    """What the user may override; None means the config's default (or the trained value).
+    Checked when made: a bad value raises a SettingError naming the field."""
+
+    prior_steps: int | None = None
+    prior_cond_scale: float | None = None
+    decoder_steps: list[int | None] | None = None  # one per unet, or one for all
+    decoder_cond_scale: list[float] | None = None  # likewise (a single number is one for all)
+    batch_size: int = 4
+    num_samples_per_batch: int = 2  # prior embeddings drawn per image; CLIP keeps the best
+    seed: int | None = None  # image k of each input gets seed + k
+    pad: bool = False  # non-square input images: padded with white to a square, not center-cropped
+    # Guidance's conditional and null passes as one forward over a doubled batch (same images
+    # within float rounding, fewer kernel launches); False keeps two passes, half the activations.
+    batched_guidance: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoder_steps, int):
+            self.decoder_steps = [self.decoder_steps]
+        if isinstance(self.decoder_cond_scale, int | float):
+            self.decoder_cond_scale = [float(self.decoder_cond_scale)]
+        check_whole("batch_size", self.batch_size)
+        check_whole("num_samples_per_batch", self.num_samples_per_batch)
+        if self.prior_steps is not None:
+            check_whole("prior_steps", self.prior_steps)
+        for steps in self.decoder_steps or []:
+            if steps is not None:
+                check_whole("decoder_steps", steps)
+        if self.prior_cond_scale is not None:
+            check_finite("prior_cond_scale", self.prior_cond_scale)
+        for scale in self.decoder_cond_scale or []:
+            check_finite("decoder_cond_scale", scale)
+        if self.seed is not None:
+            check_seed(self.seed)
+
+
+def check_whole(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise SettingError(name, f"must be a whole number, got {value!r}")
+    if value < low:
+        raise SettingError(name, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise SettingError(name, f"must be at most {high:,}, got {value:,}")
+    return value
+
+
+def check_finite(name: str, value: Any) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise SettingError(name, f"must be a finite number, got {value!r}")
+    return value
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= MAX_SEED:
+        raise SettingError(name, f"must be a whole number from 0 to 2**63-1, got {seed!r}")
+    return seed
+
+
+def check_count(num_images: Any, name: str = "num_images") -> int:
+    """Images asked for one input: at least 1, and not more than a run may hold."""
+    return check_whole(name, num_images, 1, MAX_IMAGES)
+
+
+def check_total(total: int) -> None:
+    if total > MAX_IMAGES:
+        raise InputError(f"this run asks for {total:,} images, more than {MAX_IMAGES:,}: split it into several runs")
+
+
+MAX_FRAMES = 1000
+
+
+def check_frames(frames: Any) -> int:
+    """Frames of an interpolation or a text diff, both ends included."""
+    return check_whole("frames", frames, 2, MAX_FRAMES)
+
+
+def check_text_diff(frames: Any, max_angle: Any, source_text: str, target_text: str) -> None:
+    check_frames(frames)
+    if not isinstance(max_angle, int | float) or isinstance(max_angle, bool) or not 0 < max_angle <= 1:
+        raise SettingError("max_angle", f"must be in (0, 1] (a fraction of the way to z_d), got {max_angle!r}")
+    for name, caption in (("source_text", source_text), ("target_text", target_text)):
+        if not caption.strip():
+            raise SettingError(name, "is empty: describe the image before and after the change")
