@@ -14,12 +14,12 @@ _LAZY = {
     "ModelLoadConfig": "dalle2_cli.config",
     "File": "dalle2_cli.config",
     "load_config": "dalle2_cli.config",
-    "DalleModelManager": "dalle2_cli.manager",
-    "InferenceScript": "dalle2_cli.inference",
-    "SamplingSettings": "dalle2_cli.inference",
-    "TextToImage": "dalle2_cli.inference",
-    "ImageVariation": "dalle2_cli.inference",
-    "Inpainting": "dalle2_cli.inference",
+    "DalleModelManager": "dalle2_cli.loading.manager",
+    "InferenceScript": "dalle2_cli.sampling.script",
+    "SamplingSettings": "dalle2_cli.sampling.settings",
+    "TextToImage": "dalle2_cli.sampling.pipelines",
+    "ImageVariation": "dalle2_cli.sampling.pipelines",
+    "Inpainting": "dalle2_cli.sampling.pipelines",
 }
 
 __all__ = ["__version__", *_LAZY]

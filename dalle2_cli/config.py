@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from dalle2_cli.errors import ConfigWarning, InputError
-from dalle2_cli.textfiles import parse_json, read_text
+from dalle2_cli.io.textfiles import parse_json, read_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_SCHEME = "package://"
@@ -133,11 +133,15 @@ class ClipConfig(_Section):
         return self
 
 
+Sampler = Literal["ddpm", "ddim", "dpm++2m"]
+
+
 class PriorLoadConfig(_Section):
     load_model_from: File
     load_config_from: File | None = None
     default_sample_timesteps: int | None = Field(default=None, gt=0)
     default_cond_scale: FiniteFloat | None = None
+    default_sampler: Sampler | None = None
 
 
 class SingleDecoderLoadConfig(_Section):
@@ -146,6 +150,7 @@ class SingleDecoderLoadConfig(_Section):
     unet_numbers: list[UnetNumber] = Field(min_length=1, max_length=MAX_UNETS)
     default_sample_timesteps: list[int] | None = None
     default_cond_scale: list[FiniteFloat] | None = None
+    default_sampler: Sampler | None = None  # for every unet of this source
 
     @field_validator("unet_numbers")
     @classmethod

@@ -49,7 +49,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import numpy as np  # noqa: E402
 
-from dalle2_cli.progress import NoProgress  # noqa: E402  (rich only: no torch yet)
+from dalle2_cli.sampling.progress import NoProgress  # noqa: E402  (rich only: no torch yet)
 
 PROMPT = "a red circle on a blue background"
 
@@ -69,7 +69,7 @@ def startup(repeats: int) -> dict[str, float]:
     helps = _median_seconds([exe, "--help"], repeats)
     torch_import = _median_seconds([sys.executable, "-c", "import torch"], repeats)
     bare = _median_seconds([sys.executable, "-c", "pass"], repeats)
-    stack = _median_seconds([sys.executable, "-c", "import dalle2_cli.inference"], repeats)
+    stack = _median_seconds([sys.executable, "-c", "import dalle2_cli.sampling.pipelines"], repeats)
     return {
         "help_s": helps,
         "import_torch_s": torch_import,
@@ -81,7 +81,7 @@ def startup(repeats: int) -> dict[str, float]:
 
 class _Clock(NoProgress):
     """Stage times inside one sampling run: dalle2-pytorch's step loops (through its tqdm, as
-    dalle2_cli.progress hooks them) and CLIP calls, synchronised with the device at each
+    dalle2_cli.sampling.progress hooks them) and CLIP calls, synchronised with the device at each
     stage's start and end only (a sync per stage, never per step)."""
 
     def __init__(self, sync: Callable[[], None]):
@@ -182,8 +182,7 @@ def _floor(
     whose guided null pass is redundant (a unet that takes no condition computes the same
     thing twice: dalle2-pytorch runs it, our batched guidance skips it)."""
     import torch
-
-    from dalle2_cli.guidance import _takes_no_condition
+    from dalle2_cli.sampling.guidance_patch import _takes_no_condition
 
     floors: dict[str, float] = {}
     redundant: set[str] = set()
@@ -218,8 +217,8 @@ def _text2im(manager, settings, count: int, direct: bool, sync) -> dict[str, Any
     """One measured `text2im -n count` (ours, or the direct dalle2-pytorch script)."""
     import torch
 
-    from dalle2_cli.clip import tokenize
-    from dalle2_cli.inference import TextToImage
+    from dalle2_cli.loading.clip import tokenize
+    from dalle2_cli.sampling.pipelines import TextToImage
 
     clip, prior, decoder = manager.clip, manager.prior, manager.decoder
     script = TextToImage(manager, settings)
@@ -336,8 +335,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from dalle2_cli.config import load_config
-    from dalle2_cli.inference import SamplingSettings
-    from dalle2_cli.manager import DalleModelManager
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.sampling.settings import SamplingSettings
 
     imported = time.perf_counter() - started
     if args.threads:

@@ -67,7 +67,7 @@ def write_files(work: Path, size_mb: int) -> dict[str, Path]:
     from dalle2_pytorch.train_configs import DecoderConfig
     from dalle2_pytorch.version import __version__
 
-    from dalle2_cli.checkpoint import read_checkpoint, write_safetensors
+    from dalle2_cli.loading.checkpoint import read_checkpoint, write_safetensors
 
     files = {"pth": work / f"decoder-{size_mb}mb.pth", "safetensors": work / f"decoder-{size_mb}mb.safetensors"}
     if not files["pth"].exists():
@@ -111,7 +111,7 @@ def measure(method: str, path: Path) -> dict:
     import torch
     from dalle2_pytorch.train_configs import DecoderConfig
 
-    from dalle2_cli.checkpoint import load_weights, new_model, read_checkpoint
+    from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
 
     torch.set_num_threads(1)
     baseline = rss_mb()

@@ -26,8 +26,9 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dalle2_cli.config import load_config  # noqa: E402
-from dalle2_cli.inference import ImageVariation, Inpainting, SamplingSettings, TextToImage  # noqa: E402
-from dalle2_cli.manager import DalleModelManager  # noqa: E402
+from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
+from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
+from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
 from dalle2_cli.shapes import COLORS, SHAPES, judge, nearest_color, random_scene  # noqa: E402
 
 

@@ -41,12 +41,12 @@ from dalle2_pytorch.train_configs import DecoderConfig, DiffusionPriorConfig  # 
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from dalle2_cli.atomic import atomic_path  # noqa: E402
-from dalle2_cli.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
 from dalle2_cli.config import PACKAGE_DIR, load_config  # noqa: E402
-from dalle2_cli.files import sha256_of  # noqa: E402
-from dalle2_cli.images import to_pil  # noqa: E402
+from dalle2_cli.io.atomic import atomic_path  # noqa: E402
+from dalle2_cli.io.images import to_pil  # noqa: E402
+from dalle2_cli.loading.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
 from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
+from dalle2_cli.sources.digests import sha256_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "dalle2_cli" / "weights" / "shapes"
@@ -296,7 +296,7 @@ def clip_state(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, step: in
 def _normalize():
     from torchvision.transforms import Normalize
 
-    from dalle2_cli.clip import OPENAI_MEAN, OPENAI_STD
+    from dalle2_cli.loading.clip import OPENAI_MEAN, OPENAI_STD
 
     return Normalize(OPENAI_MEAN, OPENAI_STD)
 

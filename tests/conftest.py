@@ -9,8 +9,8 @@ import pytest
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from dalle2_cli.tiny_models import write_tiny_model  # noqa: E402
 from tests.http_server import FakeServer  # noqa: E402
+from tests.tiny_models import write_tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from dalle2_cli.atomic import atomic_path
+from dalle2_cli.io.atomic import atomic_path
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dalle2_cli.checkpoint import load_weights, read_checkpoint, summarize_keys
 from dalle2_cli.errors import InputError
+from dalle2_cli.loading.checkpoint import load_weights, read_checkpoint, summarize_keys
 
 
 def raw(path: Path) -> dict:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_cli.output import read_metadata
+from dalle2_cli.io.output import read_metadata
 from tests.helpers import edit_config, run_cli
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from dalle2_cli.clip import build_clip, text_encoding_dim, tokenize
 from dalle2_cli.config import ClipConfig, File
 from dalle2_cli.errors import InputError
-from dalle2_cli.files import resolve_file
+from dalle2_cli.loading.clip import build_clip, text_encoding_dim, tokenize
+from dalle2_cli.sources.resolve import resolve_file
 
 XCLIP = {
     "dim_text": 32,
@@ -116,7 +116,7 @@ def test_openai_clip_is_rebuilt_from_a_state_dict_without_jit_or_download(tmp_pa
 
 
 def test_openai_names_map_to_open_clip():
-    from dalle2_cli.clip import openai_name_in_open_clip
+    from dalle2_cli.loading.clip import openai_name_in_open_clip
 
     assert openai_name_in_open_clip("ViT-L/14") == "ViT-L-14"
     assert openai_name_in_open_clip("ViT-L/14@336px") == "ViT-L-14-336"

@@ -11,8 +11,9 @@ import torch
 from safetensors import safe_open
 
 from dalle2_cli.config import load_config
-from dalle2_cli.inference import SamplingSettings, TextToImage
-from dalle2_cli.manager import DalleModelManager
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.settings import SamplingSettings
 from tests.helpers import edit_config, run_cli
 
 

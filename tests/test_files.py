@@ -14,7 +14,9 @@ import pytest
 
 from dalle2_cli.config import File, ModelLoadConfig
 from dalle2_cli.errors import Dalle2Error, InputError
-from dalle2_cli.files import cache_path, default_cache_dir, partial_path, resolve_file
+from dalle2_cli.sources.cache import cache_path, default_cache_dir
+from dalle2_cli.sources.http import partial_path
+from dalle2_cli.sources.resolve import resolve_file
 
 BODY = bytes(range(256)) * 400  # 100 KiB
 DIGEST = hashlib.sha256(BODY).hexdigest()
@@ -223,7 +225,7 @@ CONCURRENT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     from dalle2_cli.config import File
-    from dalle2_cli.files import resolve_file
+    from dalle2_cli.sources.resolve import resolve_file
     url, cache, digest, ready, go = sys.argv[1:]
     Path(ready).touch()
     while not Path(go).exists():  # all four start together

@@ -15,11 +15,12 @@ from PIL import Image
 from rich.console import Console
 
 from dalle2_cli.config import load_config
-from dalle2_cli.inference import SamplingSettings, TextToImage
-from dalle2_cli.manager import DalleModelManager
-from dalle2_cli.output import read_metadata
-from dalle2_cli.progress import StageProgress
-from dalle2_cli.prompts import Prompt, parse_prompts
+from dalle2_cli.io.output import read_metadata
+from dalle2_cli.io.prompts import Prompt, parse_prompts
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.progress import StageProgress
+from dalle2_cli.sampling.settings import SamplingSettings
 from tests.helpers import run_cli
 
 FAST = ("--prior-steps", "4", "--decoder-steps", "4")

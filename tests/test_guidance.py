@@ -1,16 +1,19 @@
-"""Batched classifier-free guidance: the same images as dalle2-pytorch's two passes."""
+"""Batched classifier-free guidance: the same images as dalle2-pytorch's two passes, in any
+number of threads at once."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
 import torch
-from dalle2_pytorch import dalle2_pytorch as module
 
 from dalle2_cli.config import load_config
-from dalle2_cli.guidance import batched_guidance
-from dalle2_cli.inference import SamplingSettings, TextToImage
-from dalle2_cli.manager import DalleModelManager
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.guidance import guided
+from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.settings import SamplingSettings
 
 SCALES = {"prior_cond_scale": 3.0, "decoder_cond_scale": [4.0, 2.5]}
 
@@ -90,10 +93,11 @@ def _inputs_of_unet(manager, number: int, batch: int) -> tuple[torch.nn.Module, 
 def test_one_forward_equals_two(manager, which, scale):
     batch = 3
     if which == "prior":
-        net, args, kwargs = _inputs_of_prior(manager, batch)
+        net, (x, t), kwargs = _inputs_of_prior(manager, batch)
     else:
-        net, args, kwargs = _inputs_of_unet(manager, int(which[-1]) - 1, batch)
-    expected = net.forward_with_cond_scale(*args, cond_scale=scale, **kwargs)
+        net, (x, t), kwargs = _inputs_of_unet(manager, int(which[-1]) - 1, batch)
+    expected = net.forward_with_cond_scale(x, t, cond_scale=scale, **kwargs)  # dalle2-pytorch's two passes
+    assert torch.equal(guided(net, x, t, scale, kwargs, batched=False), expected)
 
     batches = []
     original_forward = net.forward
@@ -102,35 +106,63 @@ def test_one_forward_equals_two(manager, which, scale):
         batches.append(a[0].shape[0])
         return original_forward(*a, **k)
 
-    net.forward = counting  # an instance attribute: seen by forward_with_cond_scale's self.forward
+    net.forward = counting
     try:
-        with batched_guidance():
-            got = net.forward_with_cond_scale(*args, cond_scale=scale, **kwargs)
+        got = guided(net, x, t, scale, kwargs)
     finally:
         del net.forward
     conditioned = which != "unet 2"  # the tiny upsampler takes no embedding nor text
-    guided = scale != 1 and conditioned
-    assert batches == ([2 * batch] if guided else [batch])  # one pass, doubled only when guided
-    if guided:
+    is_guided = scale != 1 and conditioned
+    assert batches == ([2 * batch] if is_guided else [batch])  # one pass, doubled only when guided
+    if is_guided:
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
-        unguided = net.forward_with_cond_scale(*args, cond_scale=1.0, **kwargs)
-        assert not torch.allclose(got, unguided, atol=1e-4)
+        assert not torch.allclose(got, guided(net, x, t, 1.0, kwargs), atol=1e-4)
     else:  # scale 1, or no condition to guide: the conditional output itself, bit for bit
         assert torch.equal(got, expected)
 
 
-def test_methods_and_masks_are_restored():
-    before = (
-        module.DiffusionPriorNetwork.__dict__["forward_with_cond_scale"],
-        module.Unet.__dict__["forward_with_cond_scale"],
-        module.prob_mask_like,
-    )
-    with pytest.raises(RuntimeError), batched_guidance():
-        assert module.Unet.__dict__["forward_with_cond_scale"] is not before[1]
-        raise RuntimeError
-    after = (
-        module.DiffusionPriorNetwork.__dict__["forward_with_cond_scale"],
-        module.Unet.__dict__["forward_with_cond_scale"],
-        module.prob_mask_like,
-    )
-    assert after == before
+def test_a_negative_prompt_conditions_the_null_branch_on_its_text(manager):
+    net, (x, t), kwargs = _inputs_of_prior(manager, 3)
+    negative = {
+        "text_embed": torch.randn_like(kwargs["text_embed"]),
+        "text_encodings": torch.randn_like(kwargs["text_encodings"]),
+    }
+    with torch.inference_mode():
+        batched = guided(net, x, t, 3.0, kwargs, negative)
+        two = guided(net, x, t, 3.0, kwargs, negative, batched=False)
+        plain = guided(net, x, t, 3.0, kwargs)
+        # The null branch: the negative text kept, the image dropped (as the null branch drops it).
+        cond = net.forward(x, t, **kwargs)
+        null = net.forward(x, t, text_cond_drop_prob=0.0, image_cond_drop_prob=1.0, **{**kwargs, **negative})
+    torch.testing.assert_close(two, null + (cond - null) * 3.0)
+    torch.testing.assert_close(batched, two, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched, plain, atol=1e-4)
+
+
+def test_threads_sampling_at_once_make_what_they_make_one_after_the_other(manager):
+    """The one hook into dalle2-pytorch (the keep mask of a doubled batch) is per thread."""
+    settings = [
+        SamplingSettings(
+            seed=seed, batch_size=2, prior_cond_scale=3.0, decoder_cond_scale=[4.0], prior_steps=4, decoder_steps=[4]
+        )
+        for seed in (1, 2, 3, 4)
+    ]
+    prompts = [["a red circle"], ["a blue square", "a green triangle"], ["a big black circle"], ["x"]]
+    alone = [_pixels(TextToImage(manager, s).run(p, num_images=2)) for s, p in zip(settings, prompts, strict=True)]
+    together: list = [None] * 4
+    errors: list = []
+
+    def run(k: int) -> None:
+        try:
+            together[k] = _pixels(TextToImage(manager, settings[k]).run(prompts[k], num_images=2))
+        except Exception as error:  # noqa: BLE001 - a thread's error is reported by the test
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for mine, theirs in zip(alone, together, strict=True):
+        assert all(np.array_equal(a, b) for a, b in zip(mine, theirs, strict=True))

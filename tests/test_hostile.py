@@ -17,12 +17,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_cli.atomic import write_new
 from dalle2_cli.config import File
 from dalle2_cli.errors import Dalle2Error, InputError
-from dalle2_cli.files import _ResumeState, cache_path, partial_path, resolve_file, sha256_of, sidecar_path
-from dalle2_cli.output import read_metadata
-from dalle2_cli.scaleout import plan_jobs
+from dalle2_cli.io.atomic import write_new
+from dalle2_cli.io.output import read_metadata
+from dalle2_cli.scaleout.run import plan_jobs
+from dalle2_cli.sources.cache import cache_path
+from dalle2_cli.sources.digests import sha256_of, sidecar_path
+from dalle2_cli.sources.http import _ResumeState, partial_path
+from dalle2_cli.sources.resolve import resolve_file
 from tests.helpers import edit_config, error_lines, invoke, run_cli
 
 BODY = bytes(range(256)) * 400

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from dalle2_cli.errors import InputError
-from dalle2_cli.hub import HubFile, parse_hub_url
+from dalle2_cli.sources.hub import HubFile, parse_hub_url
 from tests.helpers import run_cli
 from tests.http_server import COMMIT, FakeServer
 

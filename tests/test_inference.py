@@ -9,8 +9,9 @@ from PIL import Image, ImageOps
 
 from dalle2_cli.config import load_config
 from dalle2_cli.errors import InputError
-from dalle2_cli.inference import ImageVariation, Inpainting, SamplingSettings, TextToImage
-from dalle2_cli.manager import DalleModelManager
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage
+from dalle2_cli.sampling.settings import SamplingSettings
 
 
 @pytest.fixture(scope="module")

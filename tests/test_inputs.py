@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from dalle2_cli.errors import InputError
-from dalle2_cli.images import (
+from dalle2_cli.io.images import (
     MAX_PIXELS,
     fit_mask,
     fit_note,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 
-from dalle2_cli.checkpoint import read_checkpoint
-from dalle2_cli.inspection import inspect_file
+from dalle2_cli.loading.checkpoint import read_checkpoint
+from dalle2_cli.loading.inspection import inspect_file
 from tests.helpers import run_cli
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import ModelLoadConfig
 from dalle2_cli.errors import ConfigWarning, InputError
-from dalle2_cli.tiny_models import EMBED_DIM, TEXT_LEN, make_decoder, prior_config, training_config
+from dalle2_cli.loading.checkpoint import read_checkpoint
 from tests.helpers import invoke
+from tests.tiny_models import EMBED_DIM, TEXT_LEN, make_decoder, prior_config, training_config
 
 # -- configs ----------------------------------------------------------------------------------
 
@@ -202,8 +202,9 @@ def _levels_config(tiny_models, tmp_path: Path, base_level: float | None, upsamp
 
 def test_each_upsampler_samples_with_its_own_files_lowres_noise_level(tiny_models, tmp_path):
     from dalle2_cli.config import load_config
-    from dalle2_cli.inference import SamplingSettings, TextToImage
-    from dalle2_cli.manager import DalleModelManager
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.sampling.pipelines import TextToImage
+    from dalle2_cli.sampling.settings import SamplingSettings
 
     def images(base_level: float | None, upsampler_level: float | None) -> tuple[list[float], list[np.ndarray]]:
         config = _levels_config(tiny_models, tmp_path, base_level, upsampler_level)

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import ModelLoadConfig, load_config
 from dalle2_cli.errors import InputError
-from dalle2_cli.manager import DalleModelManager
-from dalle2_cli.tiny_models import make_decoder
+from dalle2_cli.loading.checkpoint import read_checkpoint
+from dalle2_cli.loading.manager import DalleModelManager
 from tests.helpers import edit_config
+from tests.tiny_models import make_decoder
 
 
 def manager_for(config_path: Path, logs: list[str] | None = None) -> DalleModelManager:

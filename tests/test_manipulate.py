@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from dalle2_cli.animation import save_animation
-from dalle2_cli.clip import tokenize
 from dalle2_cli.config import load_config
 from dalle2_cli.errors import InputError
-from dalle2_cli.inference import InferenceScript, SamplingSettings, TextToImage
-from dalle2_cli.manager import DalleModelManager
-from dalle2_cli.manipulate import Interpolation, RerankedTextToImage, TextDiff, candidate_seed, slerp
-from dalle2_cli.output import read_metadata
+from dalle2_cli.io.animation import save_animation
+from dalle2_cli.io.output import read_metadata
+from dalle2_cli.loading.clip import tokenize
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.manipulate import Interpolation, RerankedTextToImage, TextDiff, candidate_seed, slerp
+from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.script import InferenceScript
+from dalle2_cli.sampling.settings import SamplingSettings
 from tests.helpers import run_cli
 
 
@@ -214,7 +216,7 @@ def test_interpolate_saves_frames_and_animations_whose_ends_are_the_images_varia
     # Frame 0 decodes A's own CLIP embedding (slerp returns it bit for bit, and it is embedded
     # alone as a variation embeds it) with seed 3's noise: exactly a variation of A with seed 3.
     # That it is exact, although frame 0 shares its decoder batch with other frames, rests on
-    # each image's noise being its own (dalle2_cli.noise) and the CPU computing rows alike.
+    # each image's noise being its own (dalle2_cli.sampling.noise_patch) and the CPU computing rows alike.
     for source, frame in (("a.png", paths[0]), ("b.png", paths[-1])):
         variation = report(
             run_cli("variation", source, "--seed", "3", "-o", f"var-{source}", "--json", *config, cwd=tmp_path)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dalle2_pytorch import dalle2_pytorch as module
 
-from dalle2_cli.noise import _SeededTorch, per_image_noise, stage_seed
+from dalle2_cli.sampling.noise import ImageNoise, stage_seed
 
 
 def _reference(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
@@ -31,17 +30,15 @@ def _reference(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
     ],
 )
 def test_noise_drawn_into_one_buffer_equals_a_randn_per_image(shape, seeds):
-    generators = [torch.Generator().manual_seed(stage_seed(seed, "decoder")) for seed in seeds]
-    seeded = _SeededTorch(generators)
-    first = seeded.randn(shape)
+    first = ImageNoise(seeds, "decoder").draw(shape)
     assert torch.equal(first, _reference(shape, seeds))
-    assert first.dtype == torch.get_default_dtype() and first.device.type == "cpu"
+    assert first.dtype == torch.float32 and first.device.type == "cpu"
 
 
 def test_noise_continues_per_image_across_steps():
     seeds = [11, 12, 13]
-    seeded = _SeededTorch([torch.Generator().manual_seed(stage_seed(s, "prior")) for s in seeds])
-    draws = [seeded.randn(3, 2, 4) for _ in range(3)]
+    noise = ImageNoise(seeds, "prior")
+    draws = [noise.draw((3, 2, 4)) for _ in range(3)]
     generators = [torch.Generator().manual_seed(stage_seed(s, "prior")) for s in seeds]
     for draw in draws:
         expected = torch.cat([torch.randn((1, 2, 4), generator=g) for g in generators])
@@ -49,20 +46,10 @@ def test_noise_continues_per_image_across_steps():
 
 
 def test_noise_dtype_and_device_follow_the_call():
-    seeded = _SeededTorch([torch.Generator().manual_seed(1)])
-    like = torch.zeros(2, 3, dtype=torch.float64)
-    assert seeded.randn_like(like).dtype == torch.float64
-    assert seeded.randn(2, 3, dtype=torch.bfloat16).dtype == torch.bfloat16
-    assert seeded.randn((2, 3), device="cpu").shape == (2, 3)
-
-
-def test_stand_in_gives_torch_everything_else_and_is_removed():
-    original = module.torch
-    with per_image_noise([1, 2], "decoder"):
-        assert module.torch is not original
-        assert module.torch.cat is torch.cat and module.torch.cat is torch.cat  # looked up once, kept
-        assert module.torch.nn is torch.nn
-    assert module.torch is original
+    noise = ImageNoise([1], "decoder")
+    assert noise.like(torch.zeros(2, 3, dtype=torch.float64)).dtype == torch.float64
+    assert noise.draw((2, 3), dtype=torch.bfloat16).dtype == torch.bfloat16
+    assert noise.draw((2, 3), device="cpu").shape == (2, 3)
 
 
 # -- --compile -----------------------------------------------------------------------------------
@@ -76,8 +63,9 @@ def test_compiled_networks_make_the_same_images_and_compile_once(tiny_config):
     from torch._dynamo.utils import counters
 
     from dalle2_cli.config import load_config
-    from dalle2_cli.inference import SamplingSettings, TextToImage
-    from dalle2_cli.manager import DalleModelManager
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.sampling.pipelines import TextToImage
+    from dalle2_cli.sampling.settings import SamplingSettings
 
     settings = SamplingSettings(
         seed=5, batch_size=2, prior_steps=3, decoder_steps=[3], prior_cond_scale=3.0, decoder_cond_scale=[4.0]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_cli.output import read_metadata, slug
+from dalle2_cli.io.output import read_metadata, slug
 from tests.helpers import edit_config, error_lines, invoke
 
 
@@ -26,7 +26,7 @@ def test_convert_makes_the_folder_it_writes_into(tiny_config, tmp_path):
 
 
 def test_a_text_the_decoder_cannot_use_is_named_and_not_used(tiny_config, tmp_path):
-    from dalle2_cli.tiny_models import decoder_config, make_decoder
+    from tests.tiny_models import decoder_config, make_decoder
 
     unet = {**decoder_config([16], base=True)["unets"][0], "cond_on_text_encodings": False}
     make_decoder(tmp_path / "textless.pth", [16], [1], extra={"unets": [unet]})

@@ -1,4 +1,4 @@
-"""Scale-out text2im (dalle2_cli.scaleout): the job split and the manifest on their own, then
+"""Scale-out text2im (dalle2_cli.scaleout.run): the job split and the manifest on their own, then
 real launches of two CPU processes (gloo) against a one-process run, a run killed midway and
 finished with --resume, and the refusals."""
 
@@ -20,9 +20,9 @@ from PIL import Image
 
 from dalle2_cli.config import load_config
 from dalle2_cli.errors import InputError
-from dalle2_cli.inference import SamplingSettings
-from dalle2_cli.prompts import Prompt
-from dalle2_cli.scaleout import (
+from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.sampling.settings import SamplingSettings
+from dalle2_cli.scaleout.run import (
     ManifestWriter,
     cut_batches,
     manifest_path,
@@ -235,7 +235,7 @@ def test_two_processes_make_the_files_of_one(work, reference, two_processes):
 
 
 def _plan_order(root: Path) -> list[str]:
-    from dalle2_cli.prompts import read_prompts
+    from dalle2_cli.io.prompts import read_prompts
 
     return [job.file for job in plan_jobs(read_prompts(str(root / "prompts.jsonl")), 4, seed=5)]
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import PACKAGE_DIR, load_config
+from dalle2_cli.loading.checkpoint import read_checkpoint
 from dalle2_cli.shapes import COLORS, Scene, judge, nearest_color
 from tests.helpers import run_cli
 

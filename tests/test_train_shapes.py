@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from dalle2_cli.atomic import current_umask
-from dalle2_cli.checkpoint import read_checkpoint
 from dalle2_cli.config import PACKAGE_DIR, load_config
-from dalle2_cli.manager import DalleModelManager
+from dalle2_cli.io.atomic import current_umask
+from dalle2_cli.loading.checkpoint import read_checkpoint
+from dalle2_cli.loading.manager import DalleModelManager
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "train_shapes.py"

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from dalle2_cli.cli.app import config_app, models_app
-from dalle2_cli.cli.options import CONFIG_HELP, Report, command, config_name, report, say
+from dalle2_cli.cli.options import CONFIG_HELP, Report, command, config_name, go_offline, report, say
 from dalle2_cli.errors import Dalle2Error, InputError
 
 
@@ -51,15 +51,14 @@ def models_download(
     report: Report,
 ) -> None:
     """Fetch every file a config needs into the caches (with --offline: check they are there)."""
-    import os
 
     if offline:
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        go_offline()
     from dalle2_cli.config import load_config
-    from dalle2_cli.models import download_config
+    from dalle2_cli.sources.cache_admin import download_config
 
     name = config_name(config)
-    fetched = download_config(load_config(name), name, quiet=report.quiet)
+    fetched = download_config(load_config(name), name, quiet=report.quiet, offline=True if offline else None)
     if report.json:
         report.print_json({"config": name, "files": [f.as_dict() for f in fetched]})
     for item in fetched:
@@ -76,13 +75,13 @@ def models_list(
     report: Report,
 ) -> None:
     """Cached model files: name, size, the configs that use them (shipped configs, and -c)."""
-    from dalle2_cli.files import default_cache_dir
-    from dalle2_cli.models import cached_entries, known_configs
+    from dalle2_cli.sources.cache import default_cache_dir
+    from dalle2_cli.sources.cache_admin import cached_entries, known_configs
 
     entries = cached_entries(known_configs(config))
     hub_cache = None
     if any(e.source == "hub" for e in entries):
-        from dalle2_cli.hub import hub_cache_dir
+        from dalle2_cli.sources.hub import hub_cache_dir
 
         hub_cache = str(hub_cache_dir())
     if report.json:
@@ -111,7 +110,7 @@ def models_verify(
 ) -> None:
     """Re-hash model files against their known checksums; exit 1 if one is bad or missing."""
     from dalle2_cli.config import load_config
-    from dalle2_cli.models import known_configs, verify_cache, verify_config
+    from dalle2_cli.sources.cache_admin import known_configs, verify_cache, verify_config
 
     verdicts = verify_config(load_config(config)) if config else verify_cache(known_configs())
     failed = [v for v in verdicts if v.failed]
@@ -147,7 +146,7 @@ def models_rm(
     report: Report,
 ) -> None:
     """Remove cached model files (and their partial downloads)."""
-    from dalle2_cli.models import cached_entries, known_configs, remove_entries, select_entries
+    from dalle2_cli.sources.cache_admin import cached_entries, known_configs, remove_entries, select_entries
 
     if not names and config is None and not everything:
         raise InputError("say what to remove: NAME ..., -c CONFIG or --all (`dalle2 models list` shows names)")

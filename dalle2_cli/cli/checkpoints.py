@@ -20,8 +20,8 @@ def inspect(
     report: Report,
 ) -> None:
     """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256."""
-    from dalle2_cli.inspection import inspect_file
-    from dalle2_cli.textfiles import regular_file
+    from dalle2_cli.io.textfiles import regular_file
+    from dalle2_cli.loading.inspection import inspect_file
 
     regular_file(file, "checkpoint")
     inspection = inspect_file(file)
@@ -47,7 +47,7 @@ def convert(
     report: Report,
 ) -> None:
     """Write a checkpoint's weights (EMA by default) as safetensors, with its config and version."""
-    from dalle2_cli.textfiles import read_json, regular_file
+    from dalle2_cli.io.textfiles import read_json, regular_file
 
     if target.suffix != ".safetensors":
         raise InputError(f"{target}: the converted file's name must end in .safetensors")
@@ -62,7 +62,7 @@ def convert(
     except OSError as error:
         raise InputError(f"cannot create the folder of {target}: {error.strerror or error}") from None
 
-    from dalle2_cli.checkpoint import read_checkpoint, write_safetensors
+    from dalle2_cli.loading.checkpoint import read_checkpoint, write_safetensors
 
     checkpoint = read_checkpoint(source, prefer_ema=weights == Weights.ema)
     if weights == Weights.raw and checkpoint.weights == "ema":
@@ -84,7 +84,7 @@ def info(
     """Show the settings recorded in an image dalle2 made (re-run one with `text2im --from`)."""
     import json
 
-    from dalle2_cli.output import recorded_settings
+    from dalle2_cli.io.output import recorded_settings
 
     metadata = recorded_settings(image)
     if report.json:

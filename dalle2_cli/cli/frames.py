@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 import typer
 
-from dalle2_cli.animation import AnimationFormat, check_animation_format, check_duration
 from dalle2_cli.cli.app import app
 from dalle2_cli.cli.generate import generate, note_fits
 from dalle2_cli.cli.options import (
@@ -28,7 +27,8 @@ from dalle2_cli.cli.options import (
     sampling,
 )
 from dalle2_cli.errors import InputError
-from dalle2_cli.settings import check_frames, check_text_diff
+from dalle2_cli.io.animation import AnimationFormat, check_animation_format, check_duration
+from dalle2_cli.sampling.settings import check_frames, check_text_diff
 
 FRAME_NAME = "{prompt}-{seed}-{index}"  # every frame has the same seed: the index tells them apart
 FramesOpt = Annotated[int, typer.Option("--frames", help="Frames, both ends included (2 to 1000).")]
@@ -81,8 +81,8 @@ def _make_frames(
     template = output.name or FRAME_NAME
 
     def after(frames: list, directory: Path) -> dict[str, Any]:
-        from dalle2_cli.animation import write_animation
-        from dalle2_cli.output import DEFAULT_NAME, ImageWriter
+        from dalle2_cli.io.animation import write_animation
+        from dalle2_cli.io.output import DEFAULT_NAME, ImageWriter
 
         without_index = re.sub(r"[-_. ]*\{index\}", "", template).strip("-_. ") or DEFAULT_NAME
         stem = ImageWriter(directory, without_index).stem(frames[0])
@@ -112,7 +112,7 @@ def interpolate(
     """Morph one image into another: slerp between their CLIP image embeddings, every frame
     decoded with the same noise; saves the frames ({prompt}-{seed}-{index}.png unless --name)
     and an animation."""
-    from dalle2_cli.images import open_image
+    from dalle2_cli.io.images import open_image
 
     check_frames(frames)
     pictures = [open_image(path) for path in (first, second)]
@@ -146,7 +146,7 @@ def textdiff(
     """Edit an image by a change of caption (the paper's text diff): move its CLIP image
     embedding toward normalize(text(--to) - text(--from)); saves the frames
     ({prompt}-{seed}-{index}.png unless --name) and an animation."""
-    from dalle2_cli.images import open_image
+    from dalle2_cli.io.images import open_image
 
     check_text_diff(frames, max_angle, from_text, to_text)
     picture = open_image(image)

@@ -27,7 +27,7 @@ from dalle2_cli.cli.options import (
     sampling,
 )
 from dalle2_cli.errors import InputError, SettingError
-from dalle2_cli.settings import SamplingSettings
+from dalle2_cli.sampling.settings import SamplingSettings
 
 
 def output_directory(path: Path) -> Path:
@@ -53,11 +53,11 @@ def generate(
     default_name: str | None = None,
     after: Callable[[list, Path], dict[str, Any]] | None = None,
 ) -> None:
-    """Build the inference `script` (a class of dalle2_cli.inference, or "manipulate.Name"),
+    """Build the inference `script` (a class of dalle2_cli.sampling.pipelines, or "manipulate.Name"),
     `run` it, saving each image as it is made; then the grid, what `after(images, directory)`
     writes, and the report."""
-    from dalle2_cli import scaleout
     from dalle2_cli.config import load_config
+    from dalle2_cli.scaleout import run as scaleout
 
     if scaleout.world_size() > 1:
         raise InputError("this command runs in one process: launch only text2im with accelerate or torchrun")
@@ -67,12 +67,12 @@ def generate(
 
     import importlib
 
-    from dalle2_cli.output import DEFAULT_NAME, ImageWriter, rows_by_input, write_grid
-    from dalle2_cli.progress import NoProgress, StageProgress
+    from dalle2_cli.io.output import DEFAULT_NAME, ImageWriter, rows_by_input, write_grid
+    from dalle2_cli.sampling.progress import NoProgress, StageProgress
 
     manager = open_manager(model_config, model, report)
     module_name, _, class_name = script.rpartition(".")
-    script_class = getattr(importlib.import_module(f"dalle2_cli.{module_name or 'inference'}"), class_name)
+    script_class = getattr(importlib.import_module(f"dalle2_cli.sampling.{module_name or 'pipelines'}"), class_name)
     writer = ImageWriter(directory, output.name or default_name or DEFAULT_NAME, output.overwrite)
 
     def save(item: Any) -> None:
@@ -97,17 +97,16 @@ def open_manager(model_config: Any, model: ModelChoice, report: Report) -> Any:
     """The DalleModelManager for a command's model options (models load when first used)."""
     import functools
 
-    from dalle2_cli.files import resolve_file
-    from dalle2_cli.manager import DalleModelManager
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.sources.resolve import resolve_file
 
     apply_threads(model)
+    options = model.manager_options()
+    resolve = functools.partial(
+        resolve_file, config_name=model.config, quiet=report.quiet, offline=options["offline"], log=report.info
+    )
     return DalleModelManager(
-        model_config,
-        resolve=functools.partial(resolve_file, config_name=model.config, quiet=report.quiet),
-        log=report.info,
-        warn=report.warning,
-        name=model.config,
-        **model.manager_options(),
+        model_config, resolve=resolve, log=report.info, warn=report.warning, name=model.config, **options
     )
 
 
@@ -126,7 +125,7 @@ def apply_threads(model: ModelChoice) -> None:
 
 def note_fits(paths: Sequence[Path], pictures: Sequence[Any], pad: bool, report: Report) -> None:
     """Say which inputs are not square, and so get center-cropped (or padded, with --pad)."""
-    from dalle2_cli.images import fit_note
+    from dalle2_cli.io.images import fit_note
 
     for path, picture in zip(paths, pictures, strict=True):
         if note := fit_note(path, picture, pad):
@@ -174,8 +173,8 @@ def text2im(
     report: Report,
 ) -> None:
     """Make images from text prompts (spread over the processes of `accelerate launch`)."""
-    from dalle2_cli import scaleout
-    from dalle2_cli.prompts import Prompt, read_prompts
+    from dalle2_cli.io.prompts import Prompt, read_prompts
+    from dalle2_cli.scaleout import run as scaleout
 
     if any(not p.strip() for p in prompts or []):
         raise InputError("a prompt is empty: describe the image to make")
@@ -190,7 +189,7 @@ def text2im(
     if not requests:
         raise InputError("give a prompt, --prompts-file FILE, or --from IMAGE")
     if rerank is not None:
-        from dalle2_cli.manipulate import MAX_CANDIDATES
+        from dalle2_cli.sampling.manipulate import MAX_CANDIDATES
 
         if not 1 <= rerank <= MAX_CANDIDATES:
             raise SettingError("candidates", f"must be from 1 to {MAX_CANDIDATES} per image, got {rerank}")
@@ -216,8 +215,8 @@ def _rerun(
     path: Path, requests: list, settings: SamplingSettings, model: ModelChoice
 ) -> tuple[list, SamplingSettings, ModelChoice]:
     """text2im --from: what the command line leaves unset comes from the image's metadata."""
-    from dalle2_cli.output import recorded_run
-    from dalle2_cli.prompts import Prompt
+    from dalle2_cli.io.output import recorded_run
+    from dalle2_cli.io.prompts import Prompt
 
     recorded = recorded_run(path)
     requests = requests or [Prompt(recorded["prompt"])]
@@ -242,7 +241,7 @@ def _reranked(requests: list, num_images: int, candidates: int, report: Report) 
     """text2im --rerank K: run RerankedTextToImage, print each image's scores."""
 
     def run(script: Any) -> list:
-        from dalle2_cli.manipulate import rerank_summary
+        from dalle2_cli.sampling.manipulate import rerank_summary
 
         made = script.run(requests, num_images, candidates=candidates)
         for item in made:
@@ -261,10 +260,10 @@ def _scale_out(
     num_images: int,
     resume: bool,
 ) -> None:
-    """text2im's work shared by the processes of a launch, resumable (dalle2_cli.scaleout)."""
-    from dalle2_cli import scaleout
+    """text2im's work shared by the processes of a launch, resumable (dalle2_cli.scaleout.run)."""
     from dalle2_cli.config import load_config
-    from dalle2_cli.output import DEFAULT_NAME
+    from dalle2_cli.io.output import DEFAULT_NAME
+    from dalle2_cli.scaleout import run as scaleout
 
     model_config = load_config(model.config)
     directory = output_directory(output.directory)
@@ -304,7 +303,7 @@ def variation(
     report: Report,
 ) -> None:
     """Make new images with the content and style of existing ones."""
-    from dalle2_cli.images import open_image
+    from dalle2_cli.io.images import open_image
 
     if text is not None and not text.strip():
         raise InputError("--text is empty: leave it out, or describe the image")
@@ -336,7 +335,7 @@ def inpaint(
     report: Report,
 ) -> None:
     """Regenerate the masked area of an image."""
-    from dalle2_cli.images import open_image, open_mask
+    from dalle2_cli.io.images import open_image, open_mask
 
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty: leave it out to fill from the image itself")

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 import typer
 
 from dalle2_cli.errors import ConfigWarning, Dalle2Error, InputError, SettingError
-from dalle2_cli.settings import SamplingSettings, check_count
+from dalle2_cli.sampling.settings import SamplingSettings, check_count
 
 CONFIG_ENV = "DALLE2_CONFIG"
 THREADS_ENV = "DALLE2_THREADS"
@@ -114,6 +114,13 @@ class Precision(StrEnum):
     bf16 = "bf16"
 
 
+def go_offline() -> None:
+    """--offline: dalle2-cli's own code is told so directly; HF_HUB_OFFLINE=1 is set too, before
+    huggingface_hub and open_clip are imported, for the downloads they make on their own (and
+    for the processes of a launch)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
 def config_name(config: str | None) -> str:
     return config or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
 
@@ -146,6 +153,7 @@ class ModelChoice:
 
         dtypes = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
         return {
+            "offline": True if self.offline else None,  # None: as the user's environment says
             "device": self.device,
             "prefer_ema": self.prefer_ema,
             "strict": self.strict,
@@ -176,9 +184,7 @@ def _model(
     if threads is not None and threads < 1:
         raise SettingError("threads", f"must be at least 1, got {threads}")
     if offline:
-        # HF_HUB_OFFLINE=1 before huggingface_hub (or open_clip) is imported, so that it
-        # reaches them too, and every child process.
-        os.environ["HF_HUB_OFFLINE"] = "1"
+        go_offline()
     return ModelChoice(
         config_name(config),
         device,
@@ -336,7 +342,7 @@ class OutputChoice:
 
 
 def _output(output_dir: Path, name: str | None, overwrite: bool, grid: bool, grid_rows: int | None) -> OutputChoice:
-    from dalle2_cli.output import check_name_template
+    from dalle2_cli.io.output import check_name_template
 
     if name is not None:
         check_name_template(name)

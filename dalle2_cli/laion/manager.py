@@ -13,8 +13,8 @@ from dalle2_pytorch.version import __version__ as DALLE2_VERSION
 from packaging import version
 
 from dalle2_cli.config import ModelLoadConfig
-from dalle2_cli.files import resolve_file
-from dalle2_cli.manager import DalleModelManager as _Manager
+from dalle2_cli.loading.manager import DalleModelManager as _Manager
+from dalle2_cli.sources.resolve import resolve_file
 
 
 @dataclass

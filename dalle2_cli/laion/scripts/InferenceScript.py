@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle2_cli.clip import tokenize
-from dalle2_cli.images import fit_square, to_pil, to_tensor
-from dalle2_cli.inference import InferenceScript as _Script
+from dalle2_cli.io.images import fit_square, to_pil, to_tensor
 from dalle2_cli.laion.config import ModelLoadConfig
 from dalle2_cli.laion.manager import DalleModelManager
+from dalle2_cli.loading.clip import tokenize
+from dalle2_cli.sampling.script import InferenceScript as _Script
 
 ScriptType = TypeVar("ScriptType", bound="InferenceScript")
 

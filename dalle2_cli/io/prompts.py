@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle2_cli.errors import InputError, SettingError
-from dalle2_cli.settings import check_count, check_seed
+from dalle2_cli.sampling.settings import check_count, check_seed
 
 FIELDS = {"prompt", "n", "seed"}
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from dalle2_cli.atomic import atomic_path, write_new
 from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.io.atomic import atomic_path, write_new
 
 
 class AnimationFormat(StrEnum):

@@ -7,6 +7,7 @@ which is how offline and custom CLIPs work.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from dalle2_pytorch.dalle2_pytorch import (
 )
 from torchvision.transforms import Normalize
 
-from dalle2_cli.checkpoint import load_weights, new_model, read_checkpoint
 from dalle2_cli.config import ClipConfig, File
 from dalle2_cli.errors import InputError
+from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -43,6 +44,13 @@ class _Prebuilt:
 class PrebuiltOpenClipAdapter(_Prebuilt, OpenClipAdapter):
     def __init__(self, model: torch.nn.Module, normalize: Normalize):
         self._setup(model, normalize)
+        self._text_lock = threading.Lock()
+
+    def embed_text(self, text: torch.Tensor):
+        # dalle2-pytorch's adapter catches the per-token encodings with a hook that stores them
+        # on the adapter, then reads them back: one text embedding at a time, whatever the threads.
+        with self._text_lock:
+            return super().embed_text(text)
 
 
 def _joint_dim(model: torch.nn.Module) -> int:
@@ -65,12 +73,20 @@ def text_encoding_dim(adapter: BaseClipAdapter) -> int | None:
 
 
 def build_clip(
-    config: ClipConfig, resolve: Callable[[File], Path], strict: bool = True, map_location: str = "cpu"
+    config: ClipConfig,
+    resolve: Callable[[File], Path],
+    strict: bool = True,
+    map_location: str = "cpu",
+    offline: bool = False,
 ) -> BaseClipAdapter:
+    """`offline` only words the message when weights open_clip would download are missing
+    (open_clip itself follows HF_HUB_OFFLINE, which the CLI's --offline sets for it)."""
+    hint = " (offline mode is on: `dalle2 models download -c CONFIG` fetches the CLIP weights while online)"
+    hint = hint if offline else ""
     if config.make == "openai":
-        adapter = _openai(config, resolve, strict, map_location)
+        adapter = _openai(config, resolve, strict, map_location, hint)
     elif config.make == "open_clip":
-        adapter = _open_clip(config, resolve, strict, map_location)
+        adapter = _open_clip(config, resolve, strict, map_location, hint)
     else:
         adapter = _x_clip_or_coca(config, resolve, strict, map_location)
     adapter.eval().requires_grad_(False)
@@ -88,7 +104,7 @@ def openai_name_in_open_clip(name: str) -> str:
     return name.replace("/", "-").replace("@336px", "-336")
 
 
-def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+def _openai(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str) -> BaseClipAdapter:
     # OpenAI's models are built by open_clip: dalle2-pytorch's OpenAIClipAdapter goes through
     # clip-anytorch, which imports pkg_resources and so fails under current setuptools.
     import open_clip
@@ -99,7 +115,7 @@ def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> Bas
             model = open_clip.create_model(name, pretrained="openai")
         except (RuntimeError, OSError) as error:  # OSError: the download failed, or offline and not cached
             raise InputError(
-                f"cannot get OpenAI CLIP {config.model!r} through open_clip: {_first_line(error)}{_offline_hint()}"
+                f"cannot get OpenAI CLIP {config.model!r} through open_clip: {_first_line(error)}{hint}"
             ) from None
     else:
         path = resolve(config.load_model_from)
@@ -119,7 +135,7 @@ def _openai(config: ClipConfig, resolve, strict: bool, map_location: str) -> Bas
     return PrebuiltOpenClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
 
 
-def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str) -> BaseClipAdapter:
     import open_clip
 
     if config.architecture is not None:
@@ -137,7 +153,7 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str) -> 
             model = open_clip.create_model(config.model, pretrained=pretrained)
         except (RuntimeError, OSError) as error:
             message = f"open_clip cannot build {config.model!r}: {_first_line(error)}"
-            raise InputError(message + _offline_hint()) from None
+            raise InputError(message + hint) from None
         if weights_file:
             # A path given as `pretrained` is read here, never by open_clip's own torch.load.
             local = File(load_type="local", path=str(Path(config.pretrained).expanduser()))
@@ -169,14 +185,6 @@ def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str
 
 def _first_line(error: BaseException) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-
-
-def _offline_hint() -> str:
-    from dalle2_cli.files import is_offline
-
-    if not is_offline():
-        return ""
-    return " (offline mode is on: `dalle2 models download -c CONFIG` fetches the CLIP weights while online)"
 
 
 def _from_file(config: ClipConfig, strict: bool) -> bool:

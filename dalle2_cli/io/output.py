@@ -14,8 +14,8 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dalle2_cli.atomic import atomic_path, numbered, write_new
 from dalle2_cli.errors import InputError
+from dalle2_cli.io.atomic import atomic_path, numbered, write_new
 
 METADATA_KEY = "dalle2-cli"
 
@@ -88,7 +88,7 @@ class NameCounter:
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:
-    """Written whole or not at all (see dalle2_cli.atomic)."""
+    """Written whole or not at all (see dalle2_cli.io.atomic)."""
     info = PngInfo()
     info.add_text(METADATA_KEY, json.dumps(metadata, sort_keys=True))
     if metadata.get("prompt"):
@@ -170,7 +170,7 @@ def run_metadata(command: str, config_name: str, config_path: Any, model_files: 
     """What every image of a run records besides its own settings: the command, the config,
     the model files and their sha256, the tool's version."""
     from dalle2_cli import __version__
-    from dalle2_cli.files import model_file_sha256
+    from dalle2_cli.sources.digests import model_file_sha256
 
     return {  # the digests of the bytes as they are now, hashed this run (not a record of earlier)
         "command": command,

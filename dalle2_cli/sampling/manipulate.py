@@ -8,7 +8,7 @@
 
 Interpolation and text diffs (Ramesh et al. 2022, "Hierarchical Text-Conditional Image
 Generation with CLIP Latents", section 3) decode every frame with the same seed: the decoder's
-noise is then the same for all of them (dalle2_cli.noise), so the frames differ only where
+noise is then the same for all of them (dalle2_cli.sampling.noise), so the frames differ only where
 their embeddings do. Reranking draws several candidates per image and keeps the one whose
 CLIP image embedding is closest to the prompt's text embedding.
 """
@@ -22,9 +22,10 @@ import torch
 from PIL import Image
 
 from dalle2_cli.errors import InputError, SettingError
-from dalle2_cli.inference import GeneratedImage, InferenceScript, TextToImage
-from dalle2_cli.prompts import Prompt
-from dalle2_cli.settings import check_frames, check_text_diff
+from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.script import GeneratedImage, InferenceScript
+from dalle2_cli.sampling.settings import check_frames, check_text_diff
 
 __all__ = [
     "Interpolation",
@@ -207,7 +208,7 @@ class RerankedTextToImage(TextToImage):
         with self._held():
             firsts = super().run(prompts, num_images)
         # ... and the others are lone images with seeds derived from it, so each is reproducible
-        # alone and a batch of them equals them one by one (dalle2_cli.noise).
+        # alone and a batch of them equals them one by one (dalle2_cli.sampling.noise).
         others: list[GeneratedImage] = []
         if candidates > 1:
             requests = [

@@ -12,6 +12,8 @@ from dalle2_cli.errors import InputError, SettingError
 # The most images one run may ask for: a typo (n = 10**9) must be refused, not planned.
 MAX_IMAGES = 100_000
 MAX_SEED = 2**63 - 1
+SAMPLERS = ("ddpm", "ddim", "dpm++2m")  # dalle2_cli.sampling.schedulers
+MAX_RESAMPLE = 50
 
 
 @dataclass
@@ -30,6 +32,12 @@ class SamplingSettings:
     # Guidance's conditional and null passes as one forward over a doubled batch (same images
     # within float rounding, fewer kernel launches); False keeps two passes, half the activations.
     batched_guidance: bool = True
+    # `ddpm`, `ddim` or `dpm++2m` for every stage; None: the config's `default_sampler`, else
+    # DDIM when fewer steps than trained are asked for and DDPM otherwise (dalle2-pytorch's rule).
+    sampler: str | None = None
+    ddim_eta: float | None = None  # None: dalle2-pytorch's (1 for the prior, the decoder's own)
+    negative_prompt: str | None = None  # the prior's guidance moves away from it
+    inpaint_resample_times: int = 5  # RePaint's resampling of each step (dalle2-pytorch's 5)
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder_steps, int):
@@ -49,6 +57,63 @@ class SamplingSettings:
             check_finite("decoder_cond_scale", scale)
         if self.seed is not None:
             check_seed(self.seed)
+        if self.sampler is not None:
+            check_sampler(self.sampler)
+        if self.ddim_eta is not None:
+            check_finite("ddim_eta", self.ddim_eta)
+        if self.negative_prompt is not None and not self.negative_prompt.strip():
+            raise SettingError("negative_prompt", "is empty: leave it out, or say what to steer away from")
+        check_whole("inpaint_resample_times", self.inpaint_resample_times, 1, MAX_RESAMPLE)
+
+
+def check_sampler(name: Any, field: str = "sampler") -> str:
+    if name not in SAMPLERS:
+        raise SettingError(field, f"must be one of {', '.join(SAMPLERS)}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """How one network samples (the prior, or one decoder unet), every default filled in."""
+
+    sampler: str
+    steps: int
+    cond_scale: float
+
+
+@dataclass(frozen=True)
+class Trained:
+    """What a loaded network says of itself: the steps it was trained with, whether it was
+    trained with conditioning dropout (guidance needs it), its own default sampling steps."""
+
+    steps: int
+    guidable: bool
+    sample_steps: int | None = None
+
+
+def plan_stage(
+    name: str,
+    trained: Trained,
+    steps: int | None,
+    cond_scale: float | None,
+    sampler: str | None,
+    defaults: tuple[int | None, float | None, str | None],
+    where: str = "",
+) -> StagePlan:
+    """One stage's plan: what was asked for, else the config's default, else the network's own.
+    `name` is the stage's setting prefix (`prior`, `decoder`) for messages, `where` says which
+    unet ("for unet 2 ")."""
+    default_steps, default_scale, default_sampler = defaults
+    chosen = steps or default_steps or trained.sample_steps or trained.steps
+    scale = cond_scale if cond_scale is not None else (default_scale if default_scale is not None else 1.0)
+    if not 1 <= chosen <= trained.steps:
+        raise SettingError(
+            f"{name}_steps", f"{where}must be between 1 and {trained.steps} (what it was trained with), got {chosen}"
+        )
+    if scale != 1.0 and not trained.guidable:
+        raise SettingError(f"{name}_cond_scale", f"{where}must be 1: it was trained without conditioning dropout")
+    kind = sampler or default_sampler or ("ddim" if chosen < trained.steps else "ddpm")
+    return StagePlan(check_sampler(kind), chosen, float(scale))
 
 
 def check_whole(name: str, value: Any, low: int = 1, high: int | None = None) -> int:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import sys
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 from dalle2_cli import __version__
 from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.messages import Log, stderr
+from dalle2_cli.sources.digests import file_sha256
 
 HUB_HOSTS = ("huggingface.co", "hf.co")
 REPO_TYPE_PREFIXES = {"datasets": "dataset", "spaces": "space"}
@@ -130,6 +131,7 @@ def download_hub_file(
     sha256: str | None = None,
     config_name: str | None = None,
     check_updates: bool = True,
+    log: Log = stderr,
 ) -> Path:
     """The cached path of `hub`, downloaded through `hf_hub_download` unless cached and current,
     and checked: its bytes must hash to what the hub names the blob by (and to the config's
@@ -138,7 +140,7 @@ def download_hub_file(
     path = _hf_download(hub, local_only, show_progress, config_name, force=False)
     damage = _damage(path)
     if damage is not None and not offline:
-        print(f"{hub.uri}: the cached copy {damage}; downloading it again", file=sys.stderr)
+        log(f"{hub.uri}: the cached copy {damage}; downloading it again")
         path = _hf_download(hub, False, show_progress, config_name, force=True)
         damage = _damage(path)
     if damage is not None:
@@ -147,8 +149,6 @@ def download_hub_file(
             f"{fetch_hint(config_name)}"
         )
     if sha256 is not None:
-        from dalle2_cli.files import file_sha256  # files imports this module
-
         actual = file_sha256(path.resolve())
         if actual != sha256:
             raise Dalle2Error(
@@ -184,8 +184,6 @@ def _hf_download(hub: HubFile, local_only: bool, show_progress: bool, config_nam
 def _damage(path: Path) -> str | None:
     """What is wrong with a cached hub file's bytes, or None: they must hash to the blob's name
     (an LFS file's sha256, a small file's git object id)."""
-    from dalle2_cli.files import file_sha256  # files imports this module
-
     named = expected_blob_digest(path)
     if named is None:
         return None

@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dalle2_cli.checkpoint import read_checkpoint, stage_of
-from dalle2_cli.files import file_sha256
+from dalle2_cli.loading.checkpoint import read_checkpoint, stage_of
+from dalle2_cli.sources.digests import file_sha256
 
 
 @dataclass

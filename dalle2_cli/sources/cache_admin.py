@@ -13,20 +13,10 @@ from pathlib import Path
 
 from dalle2_cli.config import File, ModelLoadConfig, available_configs, load_config
 from dalle2_cli.errors import Dalle2Error, InputError
-from dalle2_cli.files import (
-    PARTIAL_DIR,
-    SIDECAR_SUFFIX,
-    cache_lock,
-    cache_path,
-    default_cache_dir,
-    is_offline,
-    partial_path,
-    recorded_digest,
-    resolve_file,
-    sha256_of,
-    sidecar_path,
-)
-from dalle2_cli.hub import (
+from dalle2_cli.sources.cache import cache_lock, cache_path, default_cache_dir
+from dalle2_cli.sources.digests import SIDECAR_SUFFIX, recorded_digest, sha256_of, sidecar_path
+from dalle2_cli.sources.http import PARTIAL_DIR, partial_path
+from dalle2_cli.sources.hub import (
     HubFile,
     cached_hub_file,
     expected_blob_digest,
@@ -35,6 +25,7 @@ from dalle2_cli.hub import (
     parse_hub_url,
     remove_cached_hub_file,
 )
+from dalle2_cli.sources.resolve import is_offline, resolve_file
 
 
 @dataclass(frozen=True)
@@ -78,7 +69,7 @@ def clip_pretrained(config: ModelLoadConfig) -> tuple[str, str | None] | None:
     if clip is None or clip.load_model_from is not None or clip.architecture is not None:
         return None
     if clip.make == "openai":
-        # As dalle2_cli.clip spells OpenAI's names for open_clip: `ViT-L/14@336px` -> `ViT-L-14-336`.
+        # As dalle2_cli.loading.clip spells OpenAI's names for open_clip: `ViT-L/14@336px` -> `ViT-L-14-336`.
         return clip.model.replace("/", "-").replace("@336px", "-336"), "openai"
     if clip.make == "open_clip":
         return clip.model, clip.pretrained
@@ -106,25 +97,30 @@ class Fetched:
         return {**self.__dict__, "path": str(self.path)}
 
 
-def download_config(config: ModelLoadConfig, config_name: str, quiet: bool = False) -> list[Fetched]:
+def download_config(
+    config: ModelLoadConfig, config_name: str, quiet: bool = False, offline: bool | None = None
+) -> list[Fetched]:
     """Make every file of `config` available locally (offline: check that it is)."""
     fetched = []
     for item in config_files(config):
-        path = resolve_file(item.file, config_name=config_name, quiet=quiet)
+        path = resolve_file(item.file, config_name=config_name, quiet=quiet, offline=offline)
         fetched.append(Fetched(item.role, source_of(item.file), item.file.path, path, path.stat().st_size))
     pretrained = clip_pretrained(config)
     if pretrained is not None:
         name, tag = pretrained
-        tag, path = fetch_clip_pretrained(name, tag, config_name)
+        tag, path = fetch_clip_pretrained(name, tag, config_name, offline)
         fetched.append(Fetched("clip", "open_clip", f"open_clip {name} ({tag})", path, path.stat().st_size))
     return fetched
 
 
-def fetch_clip_pretrained(name: str, tag: str | None, config_name: str) -> tuple[str, Path]:
+def fetch_clip_pretrained(
+    name: str, tag: str | None, config_name: str, offline: bool | None = None
+) -> tuple[str, Path]:
     """CLIP weights that open_clip downloads when the model is built (from the Hugging Face
     hub, into its cache), fetched the same way now so that later runs work offline."""
     from open_clip.pretrained import download_pretrained, get_pretrained_cfg, list_pretrained_tags_by_model
 
+    offline = is_offline() if offline is None else offline
     if tag is None:
         tags = list_pretrained_tags_by_model(name)
         if not tags:
@@ -134,7 +130,7 @@ def fetch_clip_pretrained(name: str, tag: str | None, config_name: str) -> tuple
     if not cfg:
         raise InputError(f"open_clip knows no pretrained weights {tag!r} for {name!r}")
     what = f"CLIP weights {name} ({tag})"
-    if is_offline() and not cfg.get("hf_hub"):
+    if offline and not cfg.get("hf_hub"):
         # open_clip fetches url-only weights with urllib, which knows nothing of offline mode.
         cached = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(cfg.get("url", ""))
         if not cached.is_file():
@@ -143,7 +139,7 @@ def fetch_clip_pretrained(name: str, tag: str | None, config_name: str) -> tuple
         path = download_pretrained(cfg)
     except Exception as error:  # noqa: BLE001 - open_clip wraps huggingface_hub's errors in several types
         detail = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if is_offline():
+        if offline:
             raise Dalle2Error(
                 f"{what} are not in the Hugging Face cache and offline mode is on: {fetch_hint(config_name)}"
             ) from None

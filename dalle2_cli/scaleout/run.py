@@ -4,7 +4,7 @@
 
 The work is the job list of a one-process run (every prompt's images in order, with their
 seeds and file names), cut into batches exactly as that run cuts it; whole batches go to the
-processes, round-robin. Each image's noise comes from its own seed (dalle2_cli.noise), so a
+processes, round-robin. Each image's noise comes from its own seed (dalle2_cli.sampling.noise), so a
 batch's pixels depend only on the batch: the files are the same whatever the number of
 processes, and the same as `dalle2 text2im` makes alone.
 
@@ -35,11 +35,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from dalle2_cli.atomic import remove_leftovers
 from dalle2_cli.errors import InputError
-from dalle2_cli.output import DEFAULT_NAME, NameCounter, render_name
-from dalle2_cli.prompts import Prompt
-from dalle2_cli.settings import check_count, check_total
+from dalle2_cli.io.atomic import remove_leftovers
+from dalle2_cli.io.output import DEFAULT_NAME, NameCounter, render_name
+from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.sampling.settings import check_count, check_total
 
 MANIFEST_PREFIX = "manifest-rank"
 MANIFEST_FORMAT = 1
@@ -389,7 +389,7 @@ def _device(name: str | None, local_process: int) -> str:
     (modulo the count, so that several processes can share a GPU)."""
     import torch
 
-    from dalle2_cli.devices import resolve_device
+    from dalle2_cli.loading.devices import resolve_device
 
     device = resolve_device(name)
     if device.type == "cuda" and device.index is None:
@@ -419,17 +419,11 @@ def _all_agree(state: Any, error: str | None) -> None:
 def model_settings(script: Any) -> dict[str, Any]:
     """The sampling settings in effect (the config's defaults filled in) and the model files'
     sha256: what else must match for --resume. Loads the models."""
-    from dalle2_cli.files import model_file_sha256
+    from dalle2_cli.sources.digests import model_file_sha256
 
-    prior_steps, prior_scale = script.prior_settings()
-    decoder_steps, decoder_scales = script.decoder_settings()
     manager = script.models
     return {
-        "prior_steps": prior_steps,
-        "prior_cond_scale": prior_scale,
-        "prior_samples_per_image": script.settings.num_samples_per_batch,
-        "decoder_steps": decoder_steps,
-        "decoder_cond_scale": decoder_scales,
+        **script.plan(uses_prior=True),
         "dtype": str(manager.dtype).removeprefix("torch."),
         "model_sha256": {role: model_file_sha256(path) for role, path in manager.files.items()},
     }
@@ -467,11 +461,12 @@ def run_text2im(
 
     from accelerate.utils import gather_object
 
-    from dalle2_cli.files import resolve_file
-    from dalle2_cli.inference import SamplingSettings, TextToImage
-    from dalle2_cli.manager import DalleModelManager
-    from dalle2_cli.models import download_config
-    from dalle2_cli.output import image_record
+    from dalle2_cli.io.output import image_record
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.sampling.pipelines import TextToImage
+    from dalle2_cli.sampling.settings import SamplingSettings
+    from dalle2_cli.sources.cache_admin import download_config
+    from dalle2_cli.sources.resolve import resolve_file
 
     settings = settings or SamplingSettings()
     load = dict(load or {})
@@ -510,11 +505,11 @@ def run_text2im(
 
         log = _ProcessLog(process, say)
         with state.main_process_first():  # rank 0 downloads; the others then find the files cached
-            download_config(model_config, name, quiet=not (main and progress))
+            download_config(model_config, name, quiet=not (main and progress), offline=load.get("offline"))
         load["device"] = _device(load.get("device") or model_config.device, state.local_process_index)
         manager = DalleModelManager(
             model_config,
-            resolve=functools.partial(resolve_file, config_name=name, quiet=not progress),
+            resolve=functools.partial(resolve_file, config_name=name, quiet=not progress, offline=load.get("offline")),
             log=log,
             warn=(lambda message: log(f"warning: {message}")) if warn is None or process else warn,
             name=name,
@@ -598,7 +593,7 @@ def _write_grid(directory: Path, jobs: Sequence[Job], rows: int | None, overwrit
     every process wrote."""
     from PIL import Image
 
-    from dalle2_cli.output import rows_by_input, write_grid
+    from dalle2_cli.io.output import rows_by_input, write_grid
 
     def read(job: Job) -> Image.Image:
         with Image.open(directory / job.file) as image:

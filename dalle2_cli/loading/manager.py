@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,14 +16,14 @@ from dalle2_pytorch.train_configs import DiffusionPriorConfig
 from dalle2_pytorch.version import __version__ as DALLE2_VERSION
 from pydantic import ValidationError
 
-from dalle2_cli.checkpoint import Checkpoint, load_weights, new_model, read_checkpoint, stage_of
-from dalle2_cli.clip import build_clip, text_encoding_dim
 from dalle2_cli.config import File, ModelLoadConfig, describe_validation_error
-from dalle2_cli.devices import resolve_device
 from dalle2_cli.errors import InputError
-from dalle2_cli.files import resolve_file
-from dalle2_cli.stitch import check_fit, read_part, stitched_config, stitched_state_dict
-from dalle2_cli.textfiles import read_json
+from dalle2_cli.io.textfiles import read_json
+from dalle2_cli.loading.checkpoint import Checkpoint, load_weights, new_model, read_checkpoint, stage_of
+from dalle2_cli.loading.clip import build_clip, text_encoding_dim
+from dalle2_cli.loading.devices import resolve_device
+from dalle2_cli.loading.stitch import check_fit, read_part, stitched_config, stitched_state_dict
+from dalle2_cli.sources.resolve import is_offline, resolve_file
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -35,7 +36,7 @@ class DalleModelManager:
         self,
         config: ModelLoadConfig,
         device: str | None = None,
-        resolve: Callable[[File], Path] = resolve_file,
+        resolve: Callable[[File], Path] | None = None,
         log: Callable[[str], None] | None = None,
         warn: Callable[[str], None] | None = None,
         prefer_ema: bool = True,
@@ -44,6 +45,7 @@ class DalleModelManager:
         keep_resident: bool = False,
         compile: bool | str = False,
         name: str | None = None,
+        offline: bool | None = None,
     ):
         """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
         `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
@@ -52,7 +54,9 @@ class DalleModelManager:
         `compile`: torch.compile the prior's network and each decoder unet (see
         `compile_networks`; a string names the torch.compile backend, default inductor);
         `log` receives what is loaded (default: stderr), `warn` what the user should know
-        (default: `log`, as "warning: ..."); `name`: the config's name, for metadata."""
+        (default: `log`, as "warning: ..."); `name`: the config's name, for metadata;
+        `offline`: never touch the network (default: the user's HF_HUB_OFFLINE); `resolve`
+        turns a config's `File` into a path (default: dalle2_cli.sources.resolve.resolve_file)."""
         self.config = config
         # How images' metadata names the config: as the user named it (`shapes`), else its file.
         self.name = name or (str(config.source_path) if config.source_path else "config")
@@ -64,7 +68,8 @@ class DalleModelManager:
         # the device, as dalle2-laion did: a 1.5B decoder and a prior need not fit together.
         self.offload = self.device.type != "cpu" and not keep_resident
         self.compile = compile
-        self.resolve = resolve
+        self.offline = is_offline() if offline is None else offline
+        self.resolve = resolve or functools.partial(resolve_file, offline=self.offline)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.warn = warn or (lambda message: self.log(f"warning: {message}"))
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
@@ -132,7 +137,8 @@ class DalleModelManager:
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
-            self._clip = self._placed(build_clip(clip_config, resolve, self.strict, self.map_location))
+            clip = build_clip(clip_config, resolve, self.strict, self.map_location, self.offline)
+            self._clip = self._placed(clip)
         return self._clip
 
     @property
@@ -253,25 +259,23 @@ class DalleModelManager:
 
     # -- defaults from the config -------------------------------------------------------
 
-    def prior_defaults(self) -> tuple[int | None, float]:
-        """(sample timesteps or None for the trained number, cond scale) for the prior."""
+    def prior_defaults(self) -> tuple[int | None, float | None, str | None]:
+        """The config's (sample timesteps, cond scale, sampler) for the prior; None: not set."""
         source = self._require("prior")
-        scale = source.default_cond_scale if source.default_cond_scale is not None else 1.0
-        return source.default_sample_timesteps, scale
+        return source.default_sample_timesteps, source.default_cond_scale, source.default_sampler
 
-    def decoder_defaults(self) -> tuple[list[int | None], list[float]]:
-        """Per unet: sample timesteps (None = trained number) and cond scale."""
+    def decoder_defaults(self) -> list[tuple[int | None, float | None, str | None]]:
+        """The config's (sample timesteps, cond scale, sampler) for each unet; None: not set."""
         sources = self._require("decoder").unet_sources
-        count = sum(len(s.unet_numbers) for s in sources)
-        steps: list[int | None] = [None] * count
-        scales = [1.0] * count
+        defaults: list[tuple[int | None, float | None, str | None]] = [
+            (None, None, None)
+        ] * self.config.decoder.num_unets
         for source in sources:
             for position, number in enumerate(source.unet_numbers):
-                if source.default_sample_timesteps is not None:
-                    steps[number - 1] = source.default_sample_timesteps[position]
-                if source.default_cond_scale is not None:
-                    scales[number - 1] = source.default_cond_scale[position]
-        return steps, scales
+                steps = source.default_sample_timesteps[position] if source.default_sample_timesteps else None
+                scale = source.default_cond_scale[position] if source.default_cond_scale else None
+                defaults[number - 1] = (steps, scale, source.default_sampler)
+        return defaults
 
 
 def compile_networks(model: DiffusionPrior | Decoder, backend: str = "inductor") -> None:

@@ -24,8 +24,8 @@ import packaging.version
 import torch
 from torch import nn
 
-from dalle2_cli.atomic import atomic_path
 from dalle2_cli.errors import InputError
+from dalle2_cli.io.atomic import atomic_path
 
 T = TypeVar("T", bound=nn.Module)
 

@@ -19,9 +19,9 @@ from dalle2_pytorch import Decoder
 from dalle2_pytorch.train_configs import DecoderConfig
 from pydantic import ValidationError
 
-from dalle2_cli.checkpoint import Checkpoint
 from dalle2_cli.config import SingleDecoderLoadConfig, describe_validation_error
 from dalle2_cli.errors import InputError
+from dalle2_cli.loading.checkpoint import Checkpoint
 
 # Decoder submodule lists with one entry per unet; their state-dict keys start `NAME.INDEX.`.
 PER_UNET_MODULES = ("unets", "noise_schedulers", "vaes", "lowres_conds")

@@ -1,0 +1,154 @@
+"""The generating scripts: text to image, image variation and inpainting, usable from Python.
+
+manager = DalleModelManager(load_config("my-config"))
+images = TextToImage(manager).run(["a red circle"], num_images=2)
+images[0].save("circle.png")   # with its prompt, seed and settings in the PNG
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from dalle2_cli.errors import InputError
+from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.sampling.script import GeneratedImage, InferenceScript
+from dalle2_cli.sampling.settings import check_count, check_total
+
+
+class TextToImage(InferenceScript):
+    """Prompts -> prior -> decoder."""
+
+    command = "text2im"
+
+    def run(self, prompts: Sequence[str | Prompt], num_images: int = 1) -> list[GeneratedImage]:
+        """`num_images` per prompt, image k with the seed + k; a `Prompt` may set its own."""
+        check_count(num_images)
+        requests = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
+        if not requests or any(not r.text.strip() for r in requests):
+            raise InputError("a prompt is empty: describe the image to make")
+        counts = [num_images if r.num_images is None else r.num_images for r in requests]
+        for count in counts:
+            check_count(count)
+        check_total(sum(counts))
+        self._start(uses_prior=True)
+        s = self.settings
+        texts: list[str] = []
+        flat_seeds: list[int] = []
+        place: list[tuple[int, int]] = []  # flat image -> (prompt number, image k of it)
+        for i, (request, count) in enumerate(zip(requests, counts, strict=True)):
+            base = self.seed if request.seed is None else request.seed
+            flat_seeds += [base + k for k in range(count)]
+            texts += [request.text] * count
+            place += [(i, k) for k in range(count)]
+        # One prior input per image, so that each prompt may ask for its own count.
+        embeds = self._sample_prior(
+            texts, batch_size=s.batch_size, num_samples_per_batch=s.num_samples_per_batch, seeds=flat_seeds
+        )
+        flat = [embeds[j][0] for j in range(len(texts))]
+        made: dict[int, GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for j, _, image in batch:
+                made[j] = self._made(image, flat_seeds[j], place[j][1], texts[j], None)
+
+        self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size, seeds=flat_seeds, on_batch=finished)
+        return [made[j] for j in range(len(texts))]
+
+
+class ImageVariation(InferenceScript):
+    """Images -> CLIP image embeddings -> decoder: new images with the same content."""
+
+    command = "variation"
+
+    def run(
+        self,
+        images: Sequence[Image.Image],
+        num_images: int = 1,
+        text: str | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> list[GeneratedImage]:
+        check_count(num_images)
+        if not images:
+            raise InputError("give at least one image to make variations of")
+        check_total(num_images * len(images))
+        self._start(uses_prior=False)
+        text = self._text_for_decoder(text)
+        names = list(sources or [None] * len(images))
+        made: dict[tuple[int, int], GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for i, k, image in batch:
+                made[i, k] = self._made(image, self.seed + k, k, text, names[i], {"pad": self.settings.pad})
+
+        self._sample_decoder(
+            images=list(images),
+            text=text,
+            sample_count=num_images,
+            batch_size=self.settings.batch_size,
+            on_batch=finished,
+        )
+        return [made[i, k] for i in range(len(images)) for k in range(num_images)]
+
+
+class Inpainting(InferenceScript):
+    """Regenerate the masked area of an image, following a prompt or the image itself."""
+
+    command = "inpaint"
+
+    def run(
+        self,
+        image: Image.Image,
+        mask: np.ndarray,
+        prompt: str | None = None,
+        num_images: int = 1,
+        source: str | None = None,
+        mask_source: str | None = None,
+        mask_grow: int = 0,
+    ) -> list[GeneratedImage]:
+        """`mask` is True where the image is to be regenerated. With `pad` (a non-square image
+        fitted whole onto a square), each output is cropped back to the image's own shape.
+        `mask_source` and `mask_grow` are recorded (how the mask was made)."""
+        check_count(num_images)
+        if prompt is not None and not prompt.strip():
+            raise InputError("the prompt is empty: leave it out to fill from the image itself")
+        self._start(uses_prior=prompt is not None)
+        s = self.settings
+        if prompt is not None:
+            embeds = self._sample_prior(
+                [prompt],
+                sample_count=num_images,
+                batch_size=s.batch_size,
+                num_samples_per_batch=s.num_samples_per_batch,
+            )[0]
+        else:
+            embeds = list(self._embed_images([image]).expand(num_images, -1))
+        size = self.models.decoder.image_sizes[-1]
+        box = padded_box(image.size, size) if s.pad else None
+        record = {"mask": mask_source, "mask_grow": mask_grow, "pad": s.pad}
+        made: dict[int, GeneratedImage] = {}
+
+        def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
+            for k, _, picture in batch:
+                picture = picture.crop(box) if box is not None else picture
+                made[k] = self._made(picture, self.seed + k, k, prompt, source, record)
+
+        self._sample_decoder(
+            image_embed=embeds,
+            text=[prompt or ""] * num_images,
+            batch_size=s.batch_size,
+            inpaint_images=[image] * num_images,
+            inpaint_image_masks=[mask] * num_images,
+            on_batch=finished,
+        )
+        return [made[k] for k in range(num_images)]
+
+
+def padded_box(image_size: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """Where an image of `image_size` lies on the `size` square that `fit_square(pad=True)`
+    makes of it, as a crop box: Pillow's own fitting of a blank image of that size, measured."""
+    width, height = ImageOps.contain(Image.new("1", image_size), (size, size)).size
+    left, top = round((size - width) / 2), round((size - height) / 2)
+    return left, top, left + width, top + height

@@ -1,0 +1,513 @@
+"""`InferenceScript`: what every generating script shares. It plans each stage (sampler, steps,
+guidance: what was asked, else the config's defaults, else the network's own), encodes text
+and images with CLIP, and samples the prior and the decoder in batches, each image from its own
+seed, handing every image to `on_image` as soon as its batch is decoded.
+
+`_sample_prior` and `_sample_decoder` take dalle2-laion's arguments, so scripts written for it
+port over (dalle2_cli.laion keeps its mask convention too); subclasses add a `run` method.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dalle2_cli.errors import SettingError
+from dalle2_cli.io.images import fit_mask, fit_square, to_pil, to_tensor
+from dalle2_cli.loading.clip import cut_off_words, tokenize
+from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.loops import Inpaint, PriorConditions, UnetConditions, best_of, sample_prior, sample_unet
+from dalle2_cli.sampling.noise import ImageNoise
+from dalle2_cli.sampling.progress import NoProgress
+from dalle2_cli.sampling.schedulers import DECODER, PRIOR, make_scheduler
+from dalle2_cli.sampling.settings import SamplingSettings, StagePlan, Trained, check_finite, plan_stage
+
+
+@dataclass
+class GeneratedImage:
+    image: Image.Image
+    seed: int  # this image's own: a run with this seed and one image makes it again
+    index: int  # which of the images made from the same input
+    prompt: str | None = None
+    source: str | None = None  # the input image, for variations and inpainting
+    settings: dict[str, Any] = field(default_factory=dict)
+    # What made it: the command, the config, the model files and their sha256, the tool.
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything a PNG of this image records (see `dalle2 info`)."""
+        own = {"prompt": self.prompt, "seed": self.seed, "index": self.index, "source": self.source}
+        return {**own, **self.settings, **self.provenance}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the image as a PNG with `metadata()` in it, whole or not at all."""
+        from dalle2_cli.io.output import save_png
+
+        path = Path(path)
+        save_png(self.image, path, self.metadata())
+        return path
+
+
+def _per_unet(values: Sequence | None, count: int, what: str) -> list:
+    if values is None:
+        return [None] * count
+    values = list(values)
+    if len(values) == 1:
+        return values * count
+    if len(values) != count:
+        raise SettingError(what, f"has {len(values)} values but the decoder has {count} unets: give 1 or {count}")
+    return values
+
+
+class InferenceScript:
+    command = "script"  # what the images' metadata names as the command that made them
+
+    def __init__(
+        self,
+        model_manager: DalleModelManager,
+        settings: SamplingSettings | None = None,
+        progress: NoProgress | None = None,
+        on_image: Callable[[GeneratedImage], None] | None = None,
+    ):
+        self.models = model_manager
+        self.settings = settings or SamplingSettings()
+        self.progress = progress or NoProgress()  # dalle2_cli.sampling.progress.StageProgress shows bars
+        self.on_image = on_image
+        self.seed = self.settings.seed if self.settings.seed is not None else random.randrange(2**31)
+        self._record: dict[str, Any] = {}  # the settings in effect, filled by _start
+        self._warned: set[str] = set()  # prompts already checked (too long, unknown words)
+        self._provenance: dict[str, Any] | None = None
+        self._holding = 0  # while > 0, finished images are not handed to on_image
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    def _precision(self):
+        """Half-precision weights sample under autocast, which casts each op's inputs."""
+        if self.models.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.models.dtype)
+
+    def _start(self, uses_prior: bool) -> None:
+        """Load what will run, plan every stage before any sampling (a bad setting stops the
+        run here), then seed every random generator (same seed, same settings, same device:
+        same pixels)."""
+        self._record = {"batch_size": self.settings.batch_size, "dtype": str(self.models.dtype).removeprefix("torch.")}
+        self._record.update(self.plan(uses_prior))
+        torch.manual_seed(self.seed)
+        random.seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+
+    # -- plans --------------------------------------------------------------------------------
+
+    def plan(self, uses_prior: bool = True) -> dict[str, Any]:
+        """The sampling settings in effect, as the images' metadata records them. Loads the
+        models it plans for (their trained steps and guidance are the limits)."""
+        planned: dict[str, Any] = {}
+        if uses_prior:
+            prior = self.prior_plan()
+            planned.update(
+                prior_sampler=prior.sampler,
+                prior_steps=prior.steps,
+                prior_cond_scale=prior.cond_scale,
+                prior_samples_per_image=self.settings.num_samples_per_batch,
+            )
+            if self.settings.negative_prompt is not None:
+                planned["negative_prompt"] = self.settings.negative_prompt
+        unets = self.decoder_plans()
+        planned.update(
+            decoder_sampler=[p.sampler for p in unets],
+            decoder_steps=[p.steps for p in unets],
+            decoder_cond_scale=[p.cond_scale for p in unets],
+        )
+        return planned
+
+    def prior_plan(self) -> StagePlan:
+        prior = self.models.prior  # loads it: its trained steps bound the steps asked for
+        trained = Trained(prior.noise_scheduler.num_timesteps, prior.can_classifier_guidance, prior.sample_timesteps)
+        s = self.settings
+        return plan_stage("prior", trained, s.prior_steps, s.prior_cond_scale, s.sampler, self.models.prior_defaults())
+
+    def decoder_plans(self) -> list[StagePlan]:
+        decoder = self.models.decoder  # loads it
+        count = decoder.num_unets
+        steps = _per_unet(self.settings.decoder_steps, count, "decoder_steps")
+        scales = _per_unet(self.settings.decoder_cond_scale, count, "decoder_cond_scale")
+        plans = []
+        for number, defaults in enumerate(self.models.decoder_defaults()):
+            schedule = decoder.noise_schedulers[number]
+            trained = Trained(schedule.num_timesteps, decoder.can_classifier_guidance, decoder.sample_timesteps[number])
+            where = f"for unet {number + 1} " if count > 1 else ""
+            sampler = self.settings.sampler
+            plans.append(plan_stage("decoder", trained, steps[number], scales[number], sampler, defaults, where))
+        return plans
+
+    # -- CLIP ------------------------------------------------------------------------------
+
+    def _tokens(self, texts: Sequence[str]) -> torch.Tensor:
+        clip = self.models.clip
+        for text in dict.fromkeys(texts):
+            if text not in self._warned:
+                self._warned.add(text)  # once per prompt, though the prior and decoder both read it
+                self._check_prompt(text, clip.max_text_len)
+        return tokenize(clip, list(texts)).to(self.device)
+
+    def _check_prompt(self, text: str, context_length: int) -> None:
+        """Warn about words CLIP will not see (past its context) or the model never saw."""
+        cut = cut_off_words(text, context_length)
+        if cut:
+            self.models.warn(f"the prompt is longer than CLIP's {context_length} tokens; left out: {_ends(cut)}")
+        vocabulary = self.models.config.vocabulary
+        if vocabulary is not None and text:
+            known = {word.lower() for word in vocabulary.words}
+            unknown = [w for w in dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())) if w not in known]
+            if unknown:
+                words = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+                knows = f"; it knows {vocabulary.summary}" if vocabulary.summary else ""
+                self.models.warn(f"{_shortened(text)!r}: the model was not trained on the word(s) {words}{knows}")
+
+    def _embed_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's text embeddings and per-token encodings, in float32."""
+        with self._precision(), self.models.using(self.models.clip):
+            embeds, encodings = self.models.clip.embed_text(tokens.to(self.device))
+        return embeds.float(), encodings.float()
+
+    def _text_encodings(self, text_or_tokens: Sequence[str] | torch.Tensor) -> torch.Tensor:
+        tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
+        return self._embed_text(tokens)[1]
+
+    @torch.inference_mode()
+    def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        clip = self.models.clip
+        batch = torch.stack([to_tensor(fit_square(img, clip.image_size, self.settings.pad)) for img in images])
+        self.progress.stage("CLIP", 1)
+        with self._precision(), self.models.using(clip):
+            embeds, _ = clip.embed_image(batch.to(self.device))
+        self.progress.advance("CLIP")
+        return embeds.float()
+
+    def _takes_text(self) -> bool:
+        return bool(self.models.decoder.condition_on_text_encodings)
+
+    def _text_for_decoder(self, text: str | None) -> str | None:
+        """`text`, or None with a warning when the decoder takes no text (it would be ignored)."""
+        if text is not None and not self._takes_text():
+            self.models.warn(f"this decoder is not conditioned on text: the text {_shortened(text)!r} is ignored")
+            return None
+        return text
+
+    # -- the two sampling stages, with dalle2-laion's arguments ---------------------------------
+
+    @torch.inference_mode()
+    def _sample_prior(
+        self,
+        text_or_tokens: Sequence[str] | torch.Tensor,
+        cond_scale: float | None = None,
+        sample_count: int = 1,
+        batch_size: int = 100,
+        num_samples_per_batch: int = 2,
+        timesteps: int | None = None,
+        seeds: Sequence[int] | None = None,
+    ) -> dict[int, list[torch.Tensor]]:
+        """CLIP image embeddings for each text: {text index: [sample_count embeddings]}, each the
+        best of `num_samples_per_batch` candidates by CLIP similarity.
+
+        `seeds` has one seed per embedding, text by text; by default embedding k of each text
+        has the script's seed + k."""
+        plan = self.prior_plan()
+        steps = timesteps or plan.steps
+        cond_scale = plan.cond_scale if cond_scale is None else check_finite("prior_cond_scale", cond_scale)
+        tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
+        negative = self._negative_conditions()
+        jobs = [index for index in range(tokens.shape[0]) for _ in range(sample_count)]
+        seeds = self._job_seeds(seeds, len(jobs), sample_count)
+        prior = self.models.prior
+        results: dict[int, list[torch.Tensor]] = {index: [] for index in range(tokens.shape[0])}
+        evaluations = len(make_scheduler(plan.sampler, prior.noise_scheduler, steps, PRIOR).timesteps)
+        self.progress.stage("prior", evaluations, loops=-(-len(jobs) // batch_size))
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            rows = tokens[chunk].repeat_interleave(num_samples_per_batch, dim=0)
+            text_embed, encodings = self._embed_text(rows)
+            conditions = PriorConditions(text_embed, encodings if prior.condition_on_text_encodings else None)
+            if negative is not None:
+                conditions.negative = negative.repeated(len(rows))
+            scheduler = make_scheduler(plan.sampler, prior.noise_scheduler, steps, PRIOR, self.settings.ddim_eta)
+            noise = ImageNoise(seeds[start : start + batch_size], "prior")
+            advance = lambda: self.progress.advance("prior")  # noqa: E731
+            with self._precision(), self.models.using(prior):
+                embeds = sample_prior(
+                    prior, conditions, scheduler, noise, cond_scale, self.settings.batched_guidance, advance
+                )
+            best = best_of(embeds.float(), text_embed, num_samples_per_batch)
+            for index, embed in zip(chunk, best, strict=True):
+                results[index].append(embed)
+        return results
+
+    def _negative_conditions(self) -> _Negative | None:
+        text = self.settings.negative_prompt
+        if text is None:
+            return None
+        text_embed, encodings = self._embed_text(self._tokens([text]))
+        return _Negative(text_embed, encodings if self.models.prior.condition_on_text_encodings else None)
+
+    @torch.inference_mode()
+    def _sample_decoder(
+        self,
+        images: Sequence[Image.Image] | None = None,
+        image_embed: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        text: Sequence[str] | str | None = None,
+        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None = None,
+        inpaint_images: Sequence[Image.Image] | None = None,
+        inpaint_image_masks: Sequence[np.ndarray | torch.Tensor] | None = None,
+        cond_scale: Sequence[float] | float | None = None,
+        sample_count: int = 1,
+        batch_size: int = 10,
+        timesteps: list[int] | None = None,
+        seeds: Sequence[int] | None = None,
+        on_batch: Callable[[list[tuple[int, int, Image.Image]]], None] | None = None,
+    ) -> dict[int, list[Image.Image]]:
+        """Images for each input: {input index: [sample_count images]}.
+
+        `seeds` has one seed per image, input by input; by default image k of each input has
+        the script's seed + k. `on_batch` gets each batch's images as soon as they are
+        decoded, as (input index, position among that input's images, image).
+
+        Give exactly one of `images` (variations of them) and `image_embed`. `inpaint_image_masks`
+        are True where the image is to be regenerated; the rest of each output equals the
+        (square, resized) inpaint image exactly. `cond_scale` is one number or one per unet.
+        """
+        if (images is None) == (image_embed is None):
+            raise ValueError("give exactly one of images and image_embed")
+        embeds = self._embed_images(images) if images is not None else _stack(image_embed)
+        decoder = self.models.decoder
+        plans = self.decoder_plans()
+        steps = timesteps or [p.steps for p in plans]
+        scales = [p.cond_scale for p in plans]
+        if cond_scale is not None:
+            given = [cond_scale] if isinstance(cond_scale, int | float) else list(cond_scale)
+            scales = [check_finite("decoder_cond_scale", s) for s in _per_unet(given, len(plans), "decoder_cond_scale")]
+        batches = _DecoderBatches(self, embeds, text, text_encoding, sample_count, batch_size, seeds)
+        batches.inpaint(inpaint_images, inpaint_image_masks, decoder.image_sizes[-1], self.settings.pad)
+        bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
+        for bar, plan, unet_steps, schedule in zip(bars, plans, steps, decoder.noise_schedulers, strict=True):
+            evaluations = len(make_scheduler(plan.sampler, schedule, unet_steps, DECODER).timesteps)
+            self.progress.stage(bar, evaluations, loops=len(batches))
+        results: dict[int, list[Image.Image]] = {index: [] for index in range(embeds.shape[0])}
+        for batch in batches:
+            out = self._decode(batch, plans, steps, scales, bars)
+            finished = []
+            for index, tensor in zip(batch.inputs, out, strict=True):
+                results[index].append(to_pil(tensor))
+                finished.append((index, len(results[index]) - 1, results[index][-1]))
+            if on_batch is not None:
+                on_batch(finished)
+        return results
+
+    def _decode(
+        self, batch: _Batch, plans: list[StagePlan], steps: list[int], scales: list[float], bars: list[str]
+    ) -> torch.Tensor:
+        """Every unet on one batch, each upsampler taking the images of the one before, noised
+        at the level its own file says."""
+        decoder = self.models.decoder
+        noise = ImageNoise(batch.seeds, "decoder")
+        conditions = UnetConditions(batch.image_embed.to(self.device), _to(batch.text_encodings, self.device))
+        inpaint = None
+        if batch.keep_images is not None:
+            keep_images, keep_masks = batch.keep_images.to(self.device), batch.keep_masks.to(self.device)
+            inpaint = Inpaint(keep_images, keep_masks, self.settings.inpaint_resample_times)
+        image = None
+        with self._precision(), self.models.using(decoder):
+            for number, plan in enumerate(plans):
+                scheduler = make_scheduler(
+                    plan.sampler,
+                    decoder.noise_schedulers[number],
+                    steps[number],
+                    DECODER,
+                    self.settings.ddim_eta if self.settings.ddim_eta is not None else decoder.ddim_sampling_eta,
+                    decoder.learned_variance_constrain_frac,
+                )
+                advance = lambda bar=bars[number]: self.progress.advance(bar)  # noqa: E731
+                image = sample_unet(
+                    decoder,
+                    number,
+                    conditions,
+                    scheduler,
+                    noise,
+                    scales[number],
+                    lowres_image=image,
+                    lowres_noise_level=self.models.lowres_noise_levels[number],
+                    inpaint=inpaint,
+                    batched_guidance=self.settings.batched_guidance,
+                    progress=advance,
+                )
+        if inpaint is not None:  # exact pixels outside the mask, whatever the rounding
+            keep = inpaint.keep.unsqueeze(1)
+            image = torch.where(keep, inpaint.image, image.float().clamp(0, 1))
+        return image
+
+    def _job_seeds(self, seeds: Sequence[int] | None, count: int, per_input: int) -> list[int]:
+        if seeds is None:
+            return [self.seed + position % per_input for position in range(count)]
+        if len(seeds) != count:
+            raise ValueError(f"give one seed per image: {count}, not {len(seeds)}")
+        return list(seeds)
+
+    # -- the images made --------------------------------------------------------------------
+
+    def provenance(self) -> dict[str, Any]:
+        """What every image of this script records besides its own settings (once the models
+        it uses are loaded): the command, the config, the model files and their sha256."""
+        if self._provenance is None:
+            from dalle2_cli.io.output import run_metadata
+
+            manager = self.models
+            self._provenance = run_metadata(self.command, manager.name, manager.config.source_path, manager.files)
+        return self._provenance
+
+    def _made(
+        self,
+        image: Image.Image,
+        seed: int,
+        index: int,
+        prompt: str | None,
+        source: str | None,
+        extra: dict[str, Any] | None = None,
+    ) -> GeneratedImage:
+        """One finished image, handed to `on_image` at once (unless held back)."""
+        settings = {**self._record, **(extra or {})}
+        item = GeneratedImage(image, seed, index, prompt, source, settings, self.provenance())
+        if self.on_image is not None and not self._holding:
+            self.on_image(item)
+        return item
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """Images made in this block are not handed to `on_image` (candidates, say)."""
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+
+
+@dataclass
+class _Negative:
+    """A negative prompt's CLIP conditioning (one row), repeated for a batch's rows."""
+
+    text_embed: torch.Tensor
+    text_encodings: torch.Tensor | None
+
+    def repeated(self, rows: int) -> PriorConditions:
+        encodings = None if self.text_encodings is None else self.text_encodings.expand(rows, -1, -1)
+        return PriorConditions(self.text_embed.expand(rows, -1), encodings)
+
+
+@dataclass
+class _Batch:
+    """One decoder batch: which input each image comes from, its seed and conditioning."""
+
+    inputs: list[int]
+    seeds: list[int]
+    image_embed: torch.Tensor
+    text_encodings: torch.Tensor | None = None
+    keep_images: torch.Tensor | None = None
+    keep_masks: torch.Tensor | None = None
+
+
+class _DecoderBatches:
+    """The decoder's images cut into batches of `batch_size`, input by input, `sample_count`
+    images of each; text encoded batch by batch, all before the decoder runs (no model swap
+    per batch): a batch's pixels then depend on that batch alone, whatever else the run holds
+    (GPU kernels may round by batch shape), which scale-out relies on."""
+
+    def __init__(
+        self,
+        script: InferenceScript,
+        embeds: torch.Tensor,
+        text: Sequence[str] | str | None,
+        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None,
+        sample_count: int,
+        batch_size: int,
+        seeds: Sequence[int] | None,
+    ):
+        count = embeds.shape[0]
+        self.embeds = embeds
+        self.jobs = [index for index in range(count) for _ in range(sample_count)]
+        self.seeds = script._job_seeds(seeds, len(self.jobs), sample_count)
+        self.batch_size = batch_size
+        self.encodings: list[torch.Tensor | None] = [None] * len(self)
+        if script._takes_text():
+            if text_encoding is not None:
+                given = _stack(text_encoding)
+                given = given.expand(count, *given.shape[1:]) if given.shape[0] == 1 and count > 1 else given
+                self.encodings = [given[chunk] for chunk in self._chunks()]
+            else:
+                texts = [text] * count if text is None or isinstance(text, str) else list(text)
+                self.encodings = [script._text_encodings([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
+        self.keep_images = self.keep_masks = None
+
+    def inpaint(self, images: Sequence[Image.Image] | None, masks: Sequence[Any] | None, size: int, pad: bool) -> None:
+        """Keep these images (one per input) where the masks (True = regenerate) are False."""
+        if images is None:
+            return
+        if masks is None or len(masks) != len(images):
+            raise ValueError("give one mask per inpaint image")
+        self.keep_images = torch.stack([to_tensor(fit_square(img, size, pad)) for img in images])
+        regenerate = [fit_mask(_as_array(m), size, pad) for m in masks]
+        self.keep_masks = torch.from_numpy(~np.stack(regenerate))  # dalle2-pytorch's convention: True = keep
+
+    def _chunks(self) -> list[list[int]]:
+        return [self.jobs[start : start + self.batch_size] for start in range(0, len(self.jobs), self.batch_size)]
+
+    def __len__(self) -> int:
+        return -(-len(self.jobs) // self.batch_size)
+
+    def __iter__(self) -> Iterator[_Batch]:
+        for number, chunk in enumerate(self._chunks()):
+            start = number * self.batch_size
+            batch = _Batch(chunk, self.seeds[start : start + len(chunk)], self.embeds[chunk], self.encodings[number])
+            if self.keep_images is not None:
+                batch.keep_images, batch.keep_masks = self.keep_images[chunk], self.keep_masks[chunk]
+            yield batch
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
+
+
+def _shortened(text: str, words: int = 12) -> str:
+    """The first `words` words of `text` (at most 100 characters), for a one-line message."""
+    split = text.split()
+    short = " ".join(split[:words])[:100]
+    return short if len(split) <= words and len(text) <= 100 else f"{short} ... ({len(split)} words)"
+
+
+def _ends(text: str, words: int = 5) -> str:
+    """`text`, or its first and last words when it is long: "a b c ... x y (40 words)"."""
+    split = text.split()
+    if len(split) <= 2 * words and len(text) <= 100:
+        return text
+    return f"{' '.join(split[:words])[:60]} ... {' '.join(split[-words:])[-60:]} ({len(split)} words)"
+
+
+def _as_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    return np.asarray(mask, dtype=bool)
+
+
+def _stack(tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    if isinstance(tensors, torch.Tensor):
+        return tensors if tensors.ndim >= 2 else tensors.unsqueeze(0)
+    return torch.stack(list(tensors))
