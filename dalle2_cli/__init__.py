@@ -16,6 +16,7 @@ _LAZY = {
     "load_config": "dalle2_cli.config",
     "DalleModelManager": "dalle2_cli.loading.manager",
     "InferenceScript": "dalle2_cli.sampling.script",
+    "GeneratedImage": "dalle2_cli.sampling.generated",
     "SamplingSettings": "dalle2_cli.sampling.settings",
     "TextToImage": "dalle2_cli.sampling.pipelines",
     "ImageVariation": "dalle2_cli.sampling.pipelines",

@@ -3,17 +3,24 @@
     python scripts/eval_shapes.py                       # default config and its default settings
     python scripts/eval_shapes.py -c shapes --seeds 3 --json
     python scripts/eval_shapes.py --grid docs/shapes-samples.png
+    python scripts/eval_shapes.py --sweep ddim:15,6 dpm++2m:15,6 dpm++2m:7,3   # quality per step budget
 
 text2im: every colour x shape x background (colour != background), captioned
 "a <colour> <shape> on a <background> background", `--seeds` images each; scored on
 foreground colour, shape and background. variation: drawn scenes, scored on keeping their
 colour and shape. inpainting: "a <colour> <shape>" into the masked half of a plain
-background, scored on that colour covering at least 3 % of the half, and on the rest being kept.
+background, scored on that colour covering at least 3 % of the half, on the shape its pixels
+make there (how they fill their bounding box, as the text2im judge reads shapes), and on the
+rest being kept.
+
+`--sweep SAMPLER:STEPS ...` runs text2im and variation once per sampler and decoder steps
+(one per unet), and prints one row each with the decoder's network evaluations per image.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -29,7 +36,7 @@ from dalle2_cli.config import load_config  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
-from dalle2_cli.shapes import COLORS, SHAPES, judge, nearest_color, random_scene  # noqa: E402
+from dalle2_cli.shapes import COLORS, FILL_RATIO, SHAPES, judge, nearest_color, random_scene  # noqa: E402
 
 
 def text2im_cases() -> list[tuple[str, str, str]]:
@@ -102,10 +109,21 @@ def evaluate_inpainting(manager, settings: SamplingSettings, count: int) -> dict
                 "shape": shape,
                 "background": background,
                 "color_ok": painted.count(color) >= 0.03 * regenerate.sum(),
+                "shape_ok": painted_shape(names, regenerate, color) == shape,
                 "kept_ok": bool((names[~regenerate] == background).all()),
             }
         )
-    return summarize(rows, ("color_ok", "kept_ok"))
+    return summarize(rows, ("color_ok", "shape_ok", "kept_ok"))
+
+
+def painted_shape(names: np.ndarray, area: np.ndarray, color: str) -> str | None:
+    """The shape the pixels of `color` make inside `area`, by how they fill their bounding box."""
+    painted = (names == color) & area
+    if painted.sum() < 4:
+        return None
+    ys, xs = np.nonzero(painted)
+    fill = painted.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    return min(FILL_RATIO, key=lambda name: abs(FILL_RATIO[name] - fill))
 
 
 def summarize(rows: list[dict], scores: tuple[str, ...]) -> dict:
@@ -149,17 +167,54 @@ def print_table(name: str, summary: dict) -> None:
             print(f"  {key:>8}: " + "  ".join(f"{k} {v:.0%}" for k, v in values.items()))
 
 
+def sweep(manager, settings: SamplingSettings, args: argparse.Namespace) -> None:
+    """text2im and variation once per SAMPLER:STEPS, one row each."""
+    rows = []
+    for entry in args.sweep:
+        sampler, _, steps = entry.partition(":")
+        chosen = dataclasses.replace(settings, sampler=sampler, decoder_steps=[int(s) for s in steps.split(",")])
+        started = time.time()
+        text2im, _ = evaluate_text2im(manager, chosen, args.seeds)
+        variation = evaluate_variation(manager, chosen, args.variations)
+        plans = TextToImage(manager, chosen).decoder_plans()
+        rows.append(
+            {
+                "sampler": sampler,
+                "decoder_steps": [p.steps for p in plans],
+                "decoder_evaluations": sum(p.steps for p in plans),
+                "text2im": {k: v for k, v in text2im.items() if k.endswith("accuracy")},
+                "variation": {k: v for k, v in variation.items() if k.endswith("accuracy")},
+                "seconds": round(time.time() - started, 1),
+            }
+        )
+        row = rows[-1]
+        print(
+            f"{sampler:>8} {','.join(map(str, row['decoder_steps'])):>6} "
+            f"{row['decoder_evaluations']:>4} evals | text2im "
+            + " ".join(f"{k.removesuffix('_accuracy')} {v:.1%}" for k, v in row["text2im"].items())
+            + " | variation "
+            + " ".join(f"{k.removesuffix('_accuracy')} {v:.1%}" for k, v in row["variation"].items())
+            + f" | {row['seconds']:.0f} s",
+            flush=True,
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
     parser.add_argument("--variations", type=int, default=48)
-    parser.add_argument("--inpaintings", type=int, default=24)
+    parser.add_argument("--inpaintings", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--prior-steps", type=int)
     parser.add_argument("--decoder-steps", type=lambda t: [int(x) for x in t.split(",")])
     parser.add_argument("--decoder-cond-scale", type=lambda t: [float(x) for x in t.split(",")])
     parser.add_argument("--prior-cond-scale", type=float)
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
+    parser.add_argument("--resample", type=int, help="inpainting: RePaint's rounds per step")
+    parser.add_argument("--sweep", nargs="+", metavar="SAMPLER:STEPS", help="e.g. ddim:15,6 dpm++2m:7,3")
     parser.add_argument("--only", choices=["text2im", "variation", "inpaint"])
     parser.add_argument("--grid", help="also save a grid of text2im samples to this PNG")
     parser.add_argument("--json", action="store_true")
@@ -173,7 +228,12 @@ def main() -> None:
         decoder_steps=args.decoder_steps,
         decoder_cond_scale=args.decoder_cond_scale,
         prior_cond_scale=args.prior_cond_scale,
+        sampler=args.sampler,
+        **({"inpaint_resample_times": args.resample} if args.resample else {}),
     )
+    if args.sweep:
+        sweep(manager, settings, args)
+        return
     results, timings = {}, {}
     if args.only in (None, "text2im"):
         started = time.time()

@@ -34,14 +34,31 @@ def run_cli(
     return result
 
 
-def invoke(*args: str, input: str | None = None, env: dict | None = None):
-    """The `dalle2` command in this process (typer's CliRunner): for contracts that need no
-    process of their own. Returns click's Result (exit_code, stdout, stderr)."""
+# Environment variables the CLI may set for the libraries it drives (--offline, the guard):
+# restored after every in-process run, so that one test's run leaves nothing to the next.
+_SET_BY_THE_CLI = ("HF_HUB_OFFLINE", "TQDM_DISABLE", "OMP_WAIT_POLICY")
+
+
+def invoke(
+    *args: str, cwd: Path | None = None, check: bool = False, env: dict | None = None, input: str | None = None
+) -> subprocess.CompletedProcess:
+    """The `dalle2` command in this process (typer's CliRunner), for contracts that need no
+    process of their own; answers as `run_cli` does (returncode, stdout, stderr)."""
+    import contextlib
+
     from typer.testing import CliRunner
 
     from dalle2_cli.cli import app
 
-    return CliRunner().invoke(app, [str(a) for a in args], input=input, env=env)
+    environment = {name: os.environ.get(name) for name in _SET_BY_THE_CLI} | (env or {})
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+        result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=environment)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a bug, not an exit: show its traceback
+    done = subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
+    if check and done.returncode != 0:
+        raise AssertionError(f"dalle2 {' '.join(map(str, args))} failed ({done.returncode}):\n{done.stderr}")
+    return done
 
 
 def error_lines(stderr: str) -> list[str]:

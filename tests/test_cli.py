@@ -1,4 +1,5 @@
-"""The `dalle2` command as a user runs it: a real subprocess, real files."""
+"""The `dalle2` command as a user runs it, real files: in this process, and in a process of its
+own where that is the contract (imports, the installed console script, tracebacks)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import pytest
 from PIL import Image
 
 from dalle2_cli.io.output import read_metadata
-from tests.helpers import edit_config, run_cli
+from tests.helpers import edit_config, invoke, run_cli
 
 
 def generate(*args: str, cwd: Path) -> dict:
-    result = run_cli(*args, "--json", cwd=cwd, check=True)
+    result = invoke(*args, "--json", cwd=cwd, check=True)
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {result.stdout!r}"
     return json.loads(lines[0])
@@ -128,13 +129,13 @@ def _bad_inputs(tmp: Path, config: Path) -> dict[str, list[str]]:
 EXPECTED = {
     "too many steps": "between 1 and 100",
     "invalid config": "prior.default_sample_timesteps",
-    "unknown device": "unknown device 'tpu'",
+    "unknown device": "--device 'tpu' is unknown: use auto, cpu",
 }
 
 
 @pytest.mark.parametrize("case", sorted(EXPECTED))
 def test_bad_input_exits_2_with_one_clear_line(tiny_config, tmp_path, case):
-    result = run_cli(*_bad_inputs(tmp_path, tiny_config)[case], cwd=tmp_path)
+    result = invoke(*_bad_inputs(tmp_path, tiny_config)[case], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -152,7 +153,7 @@ def test_other_failures_exit_1_and_debug_shows_the_traceback(tiny_config, tmp_pa
         }
 
     config = str(edit_config(tiny_config, tmp_path / "c.json", edit))
-    result = run_cli("text2im", "x", "-c", config, cwd=tmp_path)
+    result = invoke("text2im", "x", "-c", config, cwd=tmp_path)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: cannot download http://127.0.0.1:9/prior.pth" in result.stderr
     debug = run_cli("text2im", "x", "-c", config, "--debug", cwd=tmp_path)
@@ -181,7 +182,7 @@ def test_console_script_and_version():
 
 
 def test_config_list_and_show(tiny_config):
-    listed = json.loads(run_cli("config", "list", "--json", check=True).stdout)
+    listed = json.loads(invoke("config", "list", "--json", check=True).stdout)
     assert {"shapes", "laion-1.5B", "laion-1.5B-upsampler"} <= set(listed["configs"])
-    shown = json.loads(run_cli("config", "show", "-c", str(tiny_config), check=True).stdout)
+    shown = json.loads(invoke("config", "show", "-c", str(tiny_config), check=True).stdout)
     assert shown["strict_loading"] is True and len(shown["decoder"]["unet_sources"]) == 2

@@ -14,7 +14,7 @@ from dalle2_cli.config import load_config
 from dalle2_cli.loading.manager import DalleModelManager
 from dalle2_cli.sampling.pipelines import TextToImage
 from dalle2_cli.sampling.settings import SamplingSettings
-from tests.helpers import edit_config, run_cli
+from tests.helpers import edit_config, invoke
 
 
 def images(config_path: Path, **manager_options) -> list[np.ndarray]:
@@ -30,7 +30,7 @@ def test_converted_files_make_identical_images(tiny_models, tmp_path):
     for entry in entries:
         original = Path(entry["load_model_from"]["path"])
         target = tmp_path / f"{original.stem}.safetensors"
-        result = run_cli("convert", str(original), str(target), "--model-config", entry["load_config_from"]["path"])
+        result = invoke("convert", str(original), str(target), "--model-config", entry["load_config_from"]["path"])
         assert result.returncode == 0, result.stderr
         assert "EMA weights of" in result.stderr
         entry["load_model_from"]["path"] = str(target)
@@ -49,12 +49,12 @@ def test_convert_raw_weights_and_refusals(tiny_models, tmp_path):
     source = tiny_models["checkpoint"].parent / "decoder-base.pth"
     saved = torch.load(source, weights_only=True)
     target = tmp_path / "raw.safetensors"
-    assert run_cli("convert", str(source), str(target), "--weights", "raw").returncode == 0
+    assert invoke("convert", str(source), str(target), "--weights", "raw").returncode == 0
     with safe_open(str(target), "pt") as handle:
         assert torch.equal(handle.get_tensor("unets.0.to_out.weight"), saved["model"]["unets.0.to_out.weight"])
-    again = run_cli("convert", str(source), str(target))
+    again = invoke("convert", str(source), str(target))
     assert again.returncode == 2 and "--overwrite" in again.stderr
-    wrong = run_cli("convert", str(source), str(tmp_path / "out.pth"))
+    wrong = invoke("convert", str(source), str(tmp_path / "out.pth"))
     assert wrong.returncode == 2 and "must end in .safetensors" in wrong.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw.safetensors"]  # nothing half-written
 
@@ -63,7 +63,7 @@ def test_raw_weights_can_be_chosen_over_ema(tiny_models):
     config = tiny_models["checkpoint"]
     saved = torch.load(config.parent / "decoder-base.pth", weights_only=True)
     key = "unets.0.to_out.weight"
-    raw = DalleModelManager(load_config(str(config)), device="cpu", log=lambda _: None, prefer_ema=False)
+    raw = DalleModelManager(load_config(str(config)), device="cpu", log=lambda _: None, weights="raw")
     ema = DalleModelManager(load_config(str(config)), device="cpu", log=lambda _: None)
     assert torch.equal(raw.decoder.state_dict()[key], saved["model"][key])
     assert torch.equal(ema.decoder.state_dict()[key], saved["ema"]["0.ema_model.to_out.weight"])
@@ -79,9 +79,9 @@ def test_non_strict_flag_loads_a_drifted_checkpoint(tiny_models, tmp_path):
         tmp_path / "c.json",
         lambda d: d["prior"]["load_model_from"].update(path=str(tmp_path / "prior.pth")),
     )
-    strict = run_cli("text2im", "x", "-c", str(config), "-o", str(tmp_path / "out"))
+    strict = invoke("text2im", "x", "-c", str(config), "-o", str(tmp_path / "out"))
     assert strict.returncode == 2 and "--non-strict" in strict.stderr and "Traceback" not in strict.stderr
-    loose = run_cli("text2im", "x", "-c", str(config), "-o", str(tmp_path / "out"), "--non-strict")
+    loose = invoke("text2im", "x", "-c", str(config), "-o", str(tmp_path / "out"), "--non-strict")
     assert loose.returncode == 0, loose.stderr
     assert "net.causal_transformer" in loose.stderr and "left random" in loose.stderr
 
@@ -109,6 +109,6 @@ def test_half_precision_weights_sample_under_autocast(tiny_config, tmp_path):
     made = TextToImage(manager, SamplingSettings(seed=9)).run(["a red circle"], num_images=2)
     for full, half in zip(reference, [np.asarray(item.image) for item in made], strict=True):
         assert np.abs(full.astype(int) - half.astype(int)).mean() < 8  # same picture, rounding aside
-    result = run_cli("text2im", "x", "-c", str(tiny_config), "--dtype", "fp16", "--json", "-o", str(tmp_path))
+    result = invoke("text2im", "x", "-c", str(tiny_config), "--dtype", "fp16", "--json", "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images"][0]["settings"]["dtype"] == "float16"

@@ -21,13 +21,13 @@ from dalle2_cli.loading.manager import DalleModelManager
 from dalle2_cli.sampling.pipelines import TextToImage
 from dalle2_cli.sampling.progress import StageProgress
 from dalle2_cli.sampling.settings import SamplingSettings
-from tests.helpers import run_cli
+from tests.helpers import invoke
 
 FAST = ("--prior-steps", "4", "--decoder-steps", "4")
 
 
 def generate(*args: str, cwd: Path, stdin: str | None = None) -> dict:
-    result = run_cli(*args, *FAST, "--json", cwd=cwd, input=stdin)
+    result = invoke(*args, *FAST, "--json", cwd=cwd, input=stdin)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -88,14 +88,14 @@ def test_prompts_from_stdin_and_from_arguments_together(tiny_config, tmp_path):
 )
 def test_bad_prompts_files_are_refused(tiny_config, tmp_path, content, says):
     (tmp_path / "p.txt").write_text(content)
-    line = refused(run_cli("text2im", "--prompts-file", "p.txt", "-c", str(tiny_config), cwd=tmp_path))
+    line = refused(invoke("text2im", "--prompts-file", "p.txt", "-c", str(tiny_config), cwd=tmp_path))
     assert says in line
     assert not (tmp_path / "outputs").exists()
 
 
 def test_no_prompt_at_all_and_bad_seeds_are_refused(tiny_config, tmp_path):
-    assert "give a prompt" in refused(run_cli("text2im", "-c", str(tiny_config), cwd=tmp_path))
-    assert "--seed" in refused(run_cli("text2im", "a red circle", "--seed", "-1", cwd=tmp_path))
+    assert "give a prompt" in refused(invoke("text2im", "-c", str(tiny_config), cwd=tmp_path))
+    assert "--seed" in refused(invoke("text2im", "a red circle", "--seed", "-1", cwd=tmp_path))
 
 
 # -- seeds -------------------------------------------------------------------------------------
@@ -131,8 +131,8 @@ def test_name_template_and_overwrite(tiny_config, tmp_path):
     (tmp_path / first).write_bytes(b"old")
     third = generate(*args, "--overwrite", cwd=tmp_path)["images"][0]["path"]
     assert third == first and read_metadata(tmp_path / third)["seed"] == 3
-    assert "unknown field {colour}" in refused(run_cli("text2im", "x", "-c", c, "--name", "{colour}", cwd=tmp_path))
-    assert "without directories" in refused(run_cli("text2im", "x", "-c", c, "--name", "../x", cwd=tmp_path))
+    assert "unknown field {colour}" in refused(invoke("text2im", "x", "-c", c, "--name", "{colour}", cwd=tmp_path))
+    assert "without directories" in refused(invoke("text2im", "x", "-c", c, "--name", "../x", cwd=tmp_path))
 
 
 def test_grid_has_a_row_per_prompt_or_the_rows_asked_for(tiny_config, tmp_path):
@@ -160,25 +160,25 @@ def test_metadata_info_and_from_rerun(tiny_config, tmp_path):
     for role, path in metadata["model_files"].items():
         assert metadata["model_sha256"][role] == hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
-    shown = run_cli("info", str(second), "--json", cwd=tmp_path, check=True)
+    shown = invoke("info", str(second), "--json", cwd=tmp_path, check=True)
     assert json.loads(shown.stdout) == metadata
-    assert "seed: 6" in run_cli("info", str(second), cwd=tmp_path, check=True).stdout
+    assert "seed: 6" in invoke("info", str(second), cwd=tmp_path, check=True).stdout
 
     # --from takes prompt, seed, steps and config from the image: a lone run of image 6.
-    result = run_cli("text2im", "--from", str(second), "-o", "again", "--json", cwd=tmp_path)
+    result = invoke("text2im", "--from", str(second), "-o", "again", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     rerun = json.loads(result.stdout)["images"][0]
     assert (rerun["prompt"], rerun["seed"], rerun["settings"]["decoder_steps"]) == ("a red circle", 6, [4, 4])
     assert np.abs(pixels(tmp_path / rerun["path"]) - pixels(second)).max() <= 1
 
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
-    assert "holds no dalle2 settings" in refused(run_cli("info", "plain.png", cwd=tmp_path))
-    assert "holds no dalle2 settings" in refused(run_cli("text2im", "--from", "plain.png", cwd=tmp_path))
+    assert "holds no dalle2 settings" in refused(invoke("info", "plain.png", cwd=tmp_path))
+    assert "holds no dalle2 settings" in refused(invoke("text2im", "--from", "plain.png", cwd=tmp_path))
 
 
 def test_long_prompts_are_cut_with_a_warning_naming_the_words_left_out(tiny_config, tmp_path):
     words = " ".join(f"word{n}" for n in range(100))
-    result = run_cli("text2im", words, "-c", str(tiny_config), *FAST, cwd=tmp_path)
+    result = invoke("text2im", words, "-c", str(tiny_config), *FAST, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     warning = [line for line in result.stderr.splitlines() if "longer than CLIP" in line]
     assert len(warning) == 1 and "word99" in warning[0] and "word0 " not in warning[0]
@@ -203,5 +203,5 @@ def test_progress_shows_one_bar_per_stage_with_its_steps(tiny_config):
 
 
 def test_no_bars_when_stderr_is_not_a_terminal(tiny_config, tmp_path):
-    result = run_cli("text2im", "a", "-c", str(tiny_config), *FAST, cwd=tmp_path)
+    result = invoke("text2im", "a", "-c", str(tiny_config), *FAST, cwd=tmp_path)
     assert result.returncode == 0 and "it/s" not in result.stderr and "sampling loop" not in result.stderr

@@ -21,7 +21,7 @@ from dalle2_cli.config import File
 from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.io.atomic import write_new
 from dalle2_cli.io.output import read_metadata
-from dalle2_cli.scaleout.run import plan_jobs
+from dalle2_cli.scaleout.jobs import plan_jobs
 from dalle2_cli.sources.cache import cache_path
 from dalle2_cli.sources.digests import sha256_of, sidecar_path
 from dalle2_cli.sources.http import _ResumeState, partial_path
@@ -147,13 +147,13 @@ def test_two_runs_into_one_directory_lose_no_image(tiny_config, tmp_path):
 def test_resume_makes_again_an_image_left_empty_or_cut_short(tiny_config, tmp_path):
     args = ["text2im", "a red circle", "-c", tiny_config, "-n", "3", "--seed", "2", "-o", tmp_path / "out", "--resume"]
     first = invoke(*args, "--json")
-    assert first.exit_code == 0, first.stderr
+    assert first.returncode == 0, first.stderr
     paths = [Path(image["path"]) for image in json.loads(first.stdout)["images"]]
     originals = [np.asarray(Image.open(p)) for p in paths]
     paths[0].write_bytes(b"")
     paths[1].write_bytes(paths[1].read_bytes()[:100])
     again = invoke(*args, "--json")
-    assert again.exit_code == 0, again.stderr
+    assert again.returncode == 0, again.stderr
     assert sorted(image["path"] for image in json.loads(again.stdout)["images"]) == sorted(map(str, paths[:2]))
     for path, original in zip(paths, originals, strict=True):
         assert np.array_equal(np.asarray(Image.open(path)), original)
@@ -217,7 +217,7 @@ def test_a_huge_checksum_file_is_refused_without_reading_it(tmp_path):
 def test_nan_guidance_in_a_config_is_refused(tiny_config, tmp_path):
     config = edit_config(tiny_config, tmp_path / "c.json", lambda d: d["prior"].update(default_cond_scale=float("nan")))
     result = invoke("text2im", "x", "-c", config, "-o", tmp_path / "out")
-    assert result.exit_code == 2
+    assert result.returncode == 2
     assert error_lines(result.stderr) == [f"error: {config}: prior.default_cond_scale: Input should be a finite number"]
 
 
@@ -294,7 +294,7 @@ def test_a_clip_pretrained_pickle_is_refused_in_one_line(tiny_config, tmp_path):
 
     config = edit_config(tiny_config, tmp_path / "c.json", edit)
     result = invoke("text2im", "x", "-c", config, "-o", tmp_path / "out")
-    assert result.exit_code == 2, result.stderr
+    assert result.returncode == 2, result.stderr
     [line] = error_lines(result.stderr)
     assert "refusing to load" in line and "weights_only=False" not in line
 
@@ -320,7 +320,7 @@ def test_a_clip_pretrained_pickle_is_refused_in_one_line(tiny_config, tmp_path):
 def test_bad_configs_are_one_short_line(tmp_path, content, says):
     (tmp_path / "c.json").write_bytes(content)
     result = invoke("config", "show", "-c", tmp_path / "c.json")
-    assert result.exit_code == 2
+    assert result.returncode == 2
     [line] = error_lines(result.stderr)
     assert says in line and len(line) < 400, line
     assert len(result.stderr.splitlines()) == 1

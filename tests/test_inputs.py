@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dalle2_cli.cli.generate import fit_note
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.images import (
     MAX_PIXELS,
     fit_mask,
-    fit_note,
     fit_square,
     grow_mask,
     open_image,
@@ -254,7 +254,7 @@ def test_grow_mask_is_a_disc_dilation():
     corner[1, 47] = corner[3, 45] = True
     assert np.array_equal(grow_mask(corner, 5), _disc_dilation(corner, 5))
     assert np.array_equal(grow_mask(dot, 0), dot)
-    with pytest.raises(InputError, match="--mask-grow must be 0 or more"):
+    with pytest.raises(InputError, match="mask_grow must be 0 or more"):
         grow_mask(dot, -1)
 
 
@@ -270,12 +270,12 @@ def test_open_mask_grows_and_refuses_what_leaves_nothing_to_keep(tmp_path):
 def test_center_crop_must_leave_something_to_regenerate_and_to_keep(tmp_path):
     edge = np.zeros((30, 40), dtype=bool)
     edge[:, :3] = True  # only in the band that center-cropping cuts away
-    with pytest.raises(InputError, match="only areas outside the 40x30 image's center square.*--pad"):
+    with pytest.raises(InputError, match="only areas outside the 40x30 image's center square.*pad=True"):
         open_mask(_mask(tmp_path / "edge.png", edge), (40, 30))
     assert open_mask(tmp_path / "edge.png", (40, 30), pad=True).sum() == 90
     middle = np.zeros((30, 40), dtype=bool)
     middle[:, 4:36] = True  # all of the center square, but not the sides
-    with pytest.raises(InputError, match="all of the 40x30 image's center square.*--pad"):
+    with pytest.raises(InputError, match="all of the 40x30 image's center square.*pad=True"):
         open_mask(_mask(tmp_path / "middle.png", middle), (40, 30))
     assert open_mask(tmp_path / "middle.png", (40, 30), pad=True).sum() == 32 * 30
 

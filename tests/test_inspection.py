@@ -7,7 +7,7 @@ import json
 
 from dalle2_cli.loading.checkpoint import read_checkpoint
 from dalle2_cli.loading.inspection import inspect_file
-from tests.helpers import run_cli
+from tests.helpers import invoke
 
 
 def test_tracker_decoder_save(tiny_models):
@@ -27,7 +27,7 @@ def test_tracker_decoder_save(tiny_models):
 def test_trainer_checkpoints_and_bare_state_dicts(tiny_models):
     prior = inspect_file(tiny_models["checkpoint"].parent / "prior.pth")
     assert prior.format == "DiffusionPriorTrainer checkpoint" and prior.stage == "prior" and prior.has_ema
-    raw = inspect_file(tiny_models["checkpoint"].parent / "prior.pth", prefer_ema=False)
+    raw = inspect_file(tiny_models["checkpoint"].parent / "prior.pth", weights="raw")
     assert raw.weights == "raw" and raw.has_ema
     bare = inspect_file(tiny_models["bare"].parent / "decoder-base.pth")
     assert bare.format == "state dict" and not bare.has_ema and bare.config == {} and bare.stage == "decoder (1 unet)"
@@ -42,9 +42,9 @@ def test_trainer_checkpoints_and_bare_state_dicts(tiny_models):
 
 def test_inspect_command(tiny_models, tmp_path):
     path = tiny_models["tracker"].parent / "prior.pth"
-    report = json.loads(run_cli("inspect", str(path), "--json", check=True).stdout)
+    report = json.loads(invoke("inspect", str(path), "--json", check=True).stdout)
     assert report["stage"] == "prior" and report["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
-    text = run_cli("inspect", str(path), check=True).stdout
+    text = invoke("inspect", str(path), check=True).stdout
     assert "tracker model save" in text and "dalle2-pytorch 1.15.6" in text
-    missing = run_cli("inspect", str(tmp_path / "nope.pth"))
+    missing = invoke("inspect", str(tmp_path / "nope.pth"))
     assert missing.returncode == 2 and "checkpoint not found" in missing.stderr

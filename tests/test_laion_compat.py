@@ -38,7 +38,7 @@ def test_a_clip_given_as_base_model_kwargs_loads_and_generates(tiny_config, tmp_
     config = tmp_path / "config.json"
     config.write_text(json.dumps(data))
     result = invoke("text2im", "a red circle", "-c", config, "--seed", "1", "-o", tmp_path / "out", "--json")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert len(json.loads(result.stdout)["images"]) == 1
 
 
@@ -78,7 +78,7 @@ def test_the_cli_prints_config_warnings_as_one_line_each_and_runs(tiny_config, t
     config = tmp_path / "config.json"
     config.write_text(json.dumps(data))
     result = invoke("config", "show", "-c", config)
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == (
         f"warning: {config}: prior.defualt_cond_scale: unknown key, ignored (did you mean 'default_cond_scale'?)"
     )
@@ -121,7 +121,7 @@ def test_a_trainer_file_that_pickles_a_warmup_scheduler_loads_its_weights_and_ru
     config = tmp_path / "config.json"
     config.write_text(json.dumps(data))
     result = invoke("text2im", "a red circle", "-c", config, "--seed", "2", "-o", tmp_path / "out")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "out").glob("*.png"))) == 1
 
 

@@ -22,7 +22,7 @@ from dalle2_cli.sampling.manipulate import Interpolation, RerankedTextToImage, T
 from dalle2_cli.sampling.pipelines import TextToImage
 from dalle2_cli.sampling.script import InferenceScript
 from dalle2_cli.sampling.settings import SamplingSettings
-from tests.helpers import run_cli
+from tests.helpers import invoke
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +183,7 @@ def test_interpolate_saves_frames_and_animations_whose_ends_are_the_images_varia
     Image.new("RGB", (32, 32), "blue").save(tmp_path / "b.png")
     config = ["-c", str(tiny_config)]
     made = report(
-        run_cli(
+        invoke(
             "interpolate", "a.png", "b.png", "--frames", "5", "--seed", "3", "--duration", "100",
             "--format", "gif", "--format", "webp", "-o", "out", "--json", *config,
             cwd=tmp_path,
@@ -219,7 +219,7 @@ def test_interpolate_saves_frames_and_animations_whose_ends_are_the_images_varia
     # each image's noise being its own (dalle2_cli.sampling.noise_patch) and the CPU computing rows alike.
     for source, frame in (("a.png", paths[0]), ("b.png", paths[-1])):
         variation = report(
-            run_cli("variation", source, "--seed", "3", "-o", f"var-{source}", "--json", *config, cwd=tmp_path)
+            invoke("variation", source, "--seed", "3", "-o", f"var-{source}", "--json", *config, cwd=tmp_path)
         )
         assert np.array_equal(pixels(frame), pixels(tmp_path / variation["images"][0]["path"]))
 
@@ -228,7 +228,7 @@ def test_textdiff_starts_at_the_image_itself(tmp_path, tiny_config):
     noise_picture(2).save(tmp_path / "cat.png")
     config = ["-c", str(tiny_config)]
     made = report(
-        run_cli(
+        invoke(
             "textdiff", "cat.png", "--from", "a red circle", "--to", "a blue circle", "--frames", "4",
             "--max-angle", "0.3", "--seed", "5", "-o", "out", "--json", *config,
             cwd=tmp_path,
@@ -239,14 +239,14 @@ def test_textdiff_starts_at_the_image_itself(tmp_path, tiny_config):
     assert {f["seed"] for f in frames} == {5} and all(f["source"] == "cat.png" for f in frames)
     [gif] = made["animations"]
     assert gif.endswith(".gif") and sum(d for _, d in animation_frames(tmp_path / gif)) == 4 * 250
-    variation = report(run_cli("variation", "cat.png", "--seed", "5", "-o", "var", "--json", *config, cwd=tmp_path))
+    variation = report(invoke("variation", "cat.png", "--seed", "5", "-o", "var", "--json", *config, cwd=tmp_path))
     assert np.array_equal(pixels(tmp_path / frames[0]["path"]), pixels(tmp_path / variation["images"][0]["path"]))
 
 
 def test_rerank_1_is_plain_text2im(tmp_path, tiny_config):
     args = ["text2im", "a red circle", "a blue square", "-n", "2", "--seed", "9", "--json", "-c", str(tiny_config)]
-    plain = report(run_cli(*args, "-o", "plain", cwd=tmp_path))
-    result = run_cli(*args, "-o", "one", "--rerank", "1", cwd=tmp_path)
+    plain = report(invoke(*args, "-o", "plain", cwd=tmp_path))
+    result = invoke(*args, "-o", "one", "--rerank", "1", cwd=tmp_path)
     reranked = report(result)
     assert [i["seed"] for i in reranked["images"]] == [i["seed"] for i in plain["images"]] == [9, 10, 9, 10]
     for one, other in zip(reranked["images"], plain["images"], strict=True):
@@ -259,7 +259,7 @@ def test_rerank_1_is_plain_text2im(tmp_path, tiny_config):
 
 def test_rerank_keeps_the_candidate_clip_scores_highest(tmp_path, tiny_config, manager):
     prompt = "a red circle"
-    result = run_cli(
+    result = invoke(
         "text2im", prompt, "-n", "2", "--seed", "9", "--rerank", "3", "-o", "out", "--json", "-c", str(tiny_config),
         cwd=tmp_path,
     )  # fmt: skip
@@ -304,7 +304,7 @@ def test_rerank_keeps_the_candidate_clip_scores_highest(tmp_path, tiny_config, m
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, tiny_config, args, message):
     for name in ("a.png", "b.png"):
         noise_picture().save(tmp_path / name)
-    result = run_cli(*args, "-o", "out", "-c", str(tiny_config), cwd=tmp_path)
+    result = invoke(*args, "-o", "out", "-c", str(tiny_config), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
@@ -319,7 +319,7 @@ def test_shipped_model_interpolates_through_distinct_frames(tmp_path):
     Scene("circle", "red", "white", 0.5, 0.5, 0.5).draw(64).save(tmp_path / "red.png")
     Scene("square", "blue", "yellow", 0.5, 0.45, 0.55).draw(64).save(tmp_path / "blue.png")
     made = report(
-        run_cli(
+        invoke(
             "interpolate", "red.png", "blue.png", "--frames", "3", "--seed", "0", "--decoder-steps", "10",
             "--format", "gif", "--format", "webp", "-o", "out", "--json",
             cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"},

@@ -21,7 +21,7 @@ from tests.helpers import edit_config, error_lines, invoke
 def test_convert_makes_the_folder_it_writes_into(tiny_config, tmp_path):
     target = tmp_path / "new" / "dir" / "decoder.safetensors"
     result = invoke("convert", tiny_config.parent / "decoder-base.pth", target)
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert target.is_file() and not list(target.parent.glob(".*"))
 
 
@@ -41,7 +41,7 @@ def test_a_text_the_decoder_cannot_use_is_named_and_not_used(tiny_config, tmp_pa
     result = invoke(
         "variation", tmp_path / "red.png", "--text", "a blue dog", "-c", config, "-o", tmp_path / "out", "--json"
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert "warning: this decoder is not conditioned on text: the text 'a blue dog' is ignored" in result.stderr
     [image] = json.loads(result.stdout)["images"]
     assert image["prompt"] is None and Path(image["path"]).name.startswith("red-")
@@ -49,14 +49,14 @@ def test_a_text_the_decoder_cannot_use_is_named_and_not_used(tiny_config, tmp_pa
 
 def test_raw_weights_asked_of_a_file_that_has_only_ema_weights_says_so(tiny_config, tmp_path):
     result = invoke("text2im", "a red circle", "-c", tiny_config, "--weights", "raw", "-o", tmp_path / "out")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert "warning: raw weights asked for, but prior.pth holds only EMA weights (tracker model save)" in result.stderr
 
 
 def test_threads_from_the_option_or_the_environment(tiny_config, tmp_path):
-    assert invoke("text2im", "a red circle", "-c", tiny_config, "--threads", "1", "-o", tmp_path / "o").exit_code == 0
+    assert invoke("text2im", "a red circle", "-c", tiny_config, "--threads", "1", "-o", tmp_path / "o").returncode == 0
     result = invoke("text2im", "x", "-c", tiny_config, "-o", tmp_path / "o", env={"DALLE2_THREADS": "many"})
-    assert result.exit_code == 2 and error_lines(result.stderr) == [
+    assert result.returncode == 2 and error_lines(result.stderr) == [
         "error: DALLE2_THREADS='many' is not a whole number: unset it or fix it"
     ]
 
@@ -88,7 +88,7 @@ def test_inpaint_records_how_the_mask_was_made(tiny_config, tmp_path):
         tmp_path / "out",
         "--json",
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     [image] = json.loads(result.stdout)["images"]
     recorded = read_metadata(Path(image["path"]))
     assert (recorded["mask"], recorded["mask_grow"], recorded["pad"]) == (str(tmp_path / "mask.png"), 2, True)
@@ -99,7 +99,7 @@ def test_inpaint_records_how_the_mask_was_made(tiny_config, tmp_path):
 
 def test_the_shipped_files_verify_against_the_digests_their_config_ships():
     result = invoke("models", "verify", "-c", "shapes")
-    assert result.exit_code == 0, result.stdout
+    assert result.returncode == 0, result.stdout
     assert [line.split("\t")[0] for line in result.stdout.splitlines()] == ["ok"] * 4
 
 
@@ -133,7 +133,7 @@ def test_reranked_images_keep_short_seeds(tiny_config, tmp_path):
     result = invoke(
         "text2im", "a red circle", "-c", tiny_config, "--rerank", "3", "--seed", "1", "-o", tmp_path / "out", "--json"
     )
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     [image] = json.loads(result.stdout)["images"]
     seeds = image["settings"]["rerank"]["seeds"]
     assert seeds[0] == 1 and all(0 <= s < 2**31 for s in seeds)
@@ -151,7 +151,7 @@ def test_reranked_images_keep_short_seeds(tiny_config, tmp_path):
 )
 def test_help_says_what_json_describes_and_shows_flags_bare(command, what):
     result = invoke(*command, "--help", env={"COLUMNS": "300"})
-    assert result.exit_code == 0
+    assert result.returncode == 0
     assert f"Print one JSON object describing {what} on stdout." in " ".join(result.stdout.split())
     assert "<bool>" not in result.stdout and "BOOLEAN" not in result.stdout
 
@@ -160,7 +160,7 @@ def test_quiet_leaves_only_warnings_and_errors(tiny_config, tmp_path):
     loud = invoke("text2im", "a red circle", "-c", tiny_config, "-o", tmp_path / "out")
     assert "loaded prior" in loud.stderr and "saved 1 image(s)" in loud.stderr
     quiet = invoke("text2im", "a red circle", "-c", tiny_config, "-o", tmp_path / "out", "-q", "--weights", "raw")
-    assert quiet.exit_code == 0
+    assert quiet.returncode == 0
     assert quiet.stderr and all(line.startswith("warning: ") for line in quiet.stderr.splitlines())
 
 
@@ -173,7 +173,7 @@ def test_textdiff_names_its_animation_as_its_frames(tiny_config, tmp_path):
     Image.new("RGB", (32, 32), "red").save(tmp_path / "cat.png")
     args = ["textdiff", tmp_path / "cat.png", "--from", "a red circle", "--to", "a blue circle", "--frames", "2"]
     result = invoke(*args, "-c", tiny_config, "--seed", "7", "-o", tmp_path / "out", "--json")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert [Path(i["path"]).name for i in report["images"]] == ["cat-7-0.png", "cat-7-1.png"]
     assert [Path(p).name for p in report["animations"]] == ["cat-7.gif"]
@@ -181,7 +181,7 @@ def test_textdiff_names_its_animation_as_its_frames(tiny_config, tmp_path):
 
 def test_words_the_shipped_model_never_saw_are_named(tmp_path):
     result = invoke("text2im", "a cyan square", "-o", tmp_path / "out", "--decoder-steps", "2", "--prior-steps", "2")
-    assert result.exit_code == 0, result.stderr
+    assert result.returncode == 0, result.stderr
     assert (
         "warning: 'a cyan square': the model was not trained on the word(s) 'cyan'; it knows the colours red"
         in result.stderr

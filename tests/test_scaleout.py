@@ -18,20 +18,15 @@ import psutil
 import pytest
 from PIL import Image
 
+from dalle2_cli.cli.guard import FLAGS
 from dalle2_cli.config import load_config
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.io.prompts import Prompt
 from dalle2_cli.sampling.settings import SamplingSettings
-from dalle2_cli.scaleout.run import (
-    ManifestWriter,
-    cut_batches,
-    manifest_path,
-    plan_jobs,
-    prepare,
-    read_manifests,
-    run_text2im,
-    share,
-)
+from dalle2_cli.scaleout.jobs import cut_batches, plan_jobs, share
+from dalle2_cli.scaleout.manifest import ManifestWriter, manifest_path, prepare, read_manifests
+from dalle2_cli.scaleout.run import Request, run
+from dalle2_cli.scaleout.works import TextToImageWork
 from tests.helpers import run_cli
 
 # 15 images in 8 batches of 2: batches straddle prompts, the last is short, one prompt has its
@@ -181,7 +176,7 @@ def test_prepare_decides_what_is_left(tmp_path):
     (tmp_path / f".{jobs[3].file}.x1y2.part").write_bytes(b"half")  # a write the kill interrupted
     (tmp_path / ".notes.txt.abc.part").write_bytes(b"not ours")
 
-    with pytest.raises(InputError, match="add --resume"):
+    with pytest.raises(InputError, match="add resume=True to finish it, or use another directory"):
         prepare(prompts, 1, 7, 2, tmp_path)
     resumed = prepare(prompts, 1, None, 2, tmp_path, resume=True)  # the seed comes from the manifest
     assert resumed.seed == 7 and resumed.finished == 2
@@ -191,9 +186,12 @@ def test_prepare_decides_what_is_left(tmp_path):
 
     (tmp_path / jobs[0].file).unlink()  # recorded, but gone: made again
     assert prepare(prompts, 1, 7, 2, tmp_path, resume=True).todo[0] == (0, (0,))
-    with pytest.raises(InputError, match="--seed 7, not 8"):
+    # The library names its own fields; the CLI names the options that set them.
+    with pytest.raises(SettingError, match="made with seed 7, not 8") as refused:
         prepare(prompts, 1, 8, 2, tmp_path, resume=True)
-    with pytest.raises(InputError, match="--batch-size 2, not 3"):
+    assert refused.value.field == "seed"
+    assert "with --seed 7, not 8" in refused.value.naming(lambda field: FLAGS[field])
+    with pytest.raises(SettingError, match="batch_size 2, not 3"):
         prepare(prompts, 1, 7, 3, tmp_path, resume=True)
     with pytest.raises(InputError, match="other prompts"):
         prepare([Prompt("a red circle", 4)], 1, 7, 2, tmp_path, resume=True)
@@ -279,27 +277,31 @@ def test_resume_with_other_settings_is_refused(work, two_processes):
     result = run_cli("text2im", *options, "--seed", "6", "-o", str(made), "--resume", cwd=root, env=ENV)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert lines == [f"error: --resume: {made} was made with --seed 5, not 6: "
-                     "repeat the first run's options to finish it, or use another --output-dir"]  # fmt: skip
+    assert lines == [f"error: {made} was made with --seed 5, not 6: "
+                     "resume with the first run's settings to finish it, or use another output directory"]  # fmt: skip
     assert sorted(p.name for p in made.iterdir()) == before
 
 
 def test_from_python_and_a_changed_model_setting(tiny_config, tmp_path):
     settings = SamplingSettings(seed=3, batch_size=2, prior_steps=2, decoder_steps=[2])
     config = load_config(str(tiny_config))
-    report = run_text2im(config, ["a red circle"], tmp_path, 3, settings, load={"device": "cpu"}, resume=True)
+
+    def request(settings: SamplingSettings) -> Request:
+        work = TextToImageWork([Prompt("a red circle")], 3)
+        return Request(work, config, "tiny", tmp_path, settings, load={"device": "cpu"}, resume=True)
+
+    report = run(request(settings), say=lambda _: None)
     assert [Path(i["path"]).name for i in report["images"]] == [f"a-red-circle-{s}.png" for s in (3, 4, 5)]
-    again = run_text2im(config, ["a red circle"], tmp_path, 3, settings, load={"device": "cpu"}, resume=True)
+    again = run(request(settings), say=lambda _: None)
     assert again["images"] == [] and again["already_done"] == 3
     changed = SamplingSettings(seed=3, batch_size=2, prior_steps=2, decoder_steps=[3])
-    with pytest.raises(InputError, match=r"--decoder-steps \[2, 2\], not \[3, 3\]"):
-        run_text2im(config, ["a red circle"], tmp_path, 3, changed, load={"device": "cpu"}, resume=True)
+    with pytest.raises(InputError, match=r"made with decoder_steps \[2, 2\], not \[3, 3\]"):
+        run(request(changed), say=lambda _: None)
 
 
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
-        (("--resume", "--rerank", "2"), {}, "--rerank runs in one process"),
         (("--prompts-file", "-"), {"WORLD_SIZE": "2"}, "cannot share standard input"),
     ],
 )

@@ -16,7 +16,7 @@ from PIL import Image
 from dalle2_cli.config import PACKAGE_DIR, load_config
 from dalle2_cli.loading.checkpoint import read_checkpoint
 from dalle2_cli.shapes import COLORS, Scene, judge, nearest_color
-from tests.helpers import run_cli
+from tests.helpers import invoke
 
 WEIGHTS = PACKAGE_DIR / "weights" / "shapes"
 
@@ -41,7 +41,7 @@ def test_shipped_files_fit_the_budget_and_are_what_the_config_names():
 
 
 def test_the_default_model_runs_offline_with_no_config(tmp_path):
-    result = run_cli("text2im", "a red circle", "--seed", "0", "--json", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    result = invoke("text2im", "a red circle", "--seed", "0", "--json", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     image, output = only_image(result, tmp_path)
     assert image.size == (64, 64) and output["config"] == "shapes"
     verdict = judge(image)
@@ -52,7 +52,7 @@ def test_the_default_model_runs_offline_with_no_config(tmp_path):
 def variation_of_a_square(tmp_path_factory) -> Image.Image:
     cwd = tmp_path_factory.mktemp("variation")
     Scene("square", "blue", "yellow", 0.5, 0.45, 0.55).draw(64).save(cwd / "square.png")
-    image, _ = only_image(run_cli("variation", "square.png", "--seed", "0", "--json", cwd=cwd), cwd)
+    image, _ = only_image(invoke("variation", "square.png", "--seed", "0", "--json", cwd=cwd), cwd)
     assert image.size == (64, 64)
     return image
 
@@ -72,7 +72,7 @@ def test_inpainting_paints_the_colour_asked_for_and_keeps_the_rest(tmp_path):
     mask[:, 32:] = 255  # regenerate the right half
     Image.fromarray(mask).save(tmp_path / "mask.png")
     image, _ = only_image(
-        run_cli("inpaint", "plain.png", "mask.png", "a green triangle", "--seed", "0", "--json", cwd=tmp_path),
+        invoke("inpaint", "plain.png", "mask.png", "a green triangle", "--seed", "0", "--json", cwd=tmp_path),
         tmp_path,
     )
     pixels = np.asarray(image)

@@ -7,7 +7,10 @@ from typing import Annotated
 import typer
 
 from dalle2_cli.cli.app import config_app, models_app
-from dalle2_cli.cli.options import CONFIG_HELP, Report, command, config_name, go_offline, report, say
+from dalle2_cli.cli.groups import command
+from dalle2_cli.cli.guard import say
+from dalle2_cli.cli.options import CONFIG_HELP, config_name, go_offline
+from dalle2_cli.cli.report import Report, report
 from dalle2_cli.errors import Dalle2Error, InputError
 
 

@@ -9,8 +9,11 @@ from typing import Annotated
 import typer
 
 from dalle2_cli.cli.app import app
-from dalle2_cli.cli.options import Report, Weights, command, report, say
+from dalle2_cli.cli.groups import command
+from dalle2_cli.cli.guard import say
+from dalle2_cli.cli.report import Report, report
 from dalle2_cli.errors import InputError
+from dalle2_cli.loading.choices import Weights
 
 
 @command(app, report("the checkpoint"))
@@ -64,8 +67,8 @@ def convert(
 
     from dalle2_cli.loading.checkpoint import read_checkpoint, write_safetensors
 
-    checkpoint = read_checkpoint(source, prefer_ema=weights == Weights.ema)
-    if weights == Weights.raw and checkpoint.weights == "ema":
+    checkpoint = read_checkpoint(source, weights)
+    if weights == Weights.raw and checkpoint.weights == Weights.ema:
         say(f"warning: {source} holds only EMA weights ({checkpoint.format}): converting those")
     if checkpoint.config is None and extra is None:
         say(f"warning: {source} carries no config; pass --model-config so {target.name} loads on its own")

@@ -13,19 +13,8 @@ import typer
 
 from dalle2_cli.cli.app import app
 from dalle2_cli.cli.generate import generate, note_fits
-from dalle2_cli.cli.options import (
-    MODEL,
-    OUTPUT,
-    Group,
-    ModelChoice,
-    OutputChoice,
-    Report,
-    Sampling,
-    command,
-    option,
-    report,
-    sampling,
-)
+from dalle2_cli.cli.groups import Group, command, option
+from dalle2_cli.cli.options import Generation, generation
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.animation import AnimationFormat, check_animation_format, check_duration
 from dalle2_cli.sampling.settings import check_frames, check_text_diff
@@ -64,23 +53,17 @@ ANIMATION = Group(
     ),
     _animation,
 )
-FRAMES = (ANIMATION, sampling(count=False, pad=True), MODEL, OUTPUT, report("the frames and animations", quiet=True))
+FRAMES = (ANIMATION, generation("the frames and animations", count=False, pad=True))
 
 
-def _make_frames(
-    script: str,
-    run: Callable,
-    animation: AnimationChoice,
-    sampling: Sampling,
-    model: ModelChoice,
-    output: OutputChoice,
-    report: Report,
-) -> None:
+def _make_frames(script: str, run: Callable, animation: AnimationChoice, options: Generation) -> None:
     """Generate the frames, then the animations of them, named as the frames are without their
     index (`cat-7-0.png` ... `cat-7-5.png`, `cat-7.gif`)."""
-    template = output.name or FRAME_NAME
+    from dalle2_cli.scaleout.works import Work
 
-    def after(frames: list, directory: Path) -> dict[str, Any]:
+    template = options.output.name or FRAME_NAME
+
+    def after(frames: list, directory: Path, say: Callable[[str], None]) -> dict[str, Any]:
         from dalle2_cli.io.animation import write_animation
         from dalle2_cli.io.output import DEFAULT_NAME, ImageWriter
 
@@ -89,12 +72,12 @@ def _make_frames(
         paths = []
         for fmt in animation.formats:
             images = [item.image for item in frames]
-            path = write_animation(images, directory, stem, fmt, animation.duration, output.overwrite)
-            report.info(f"  {path} (animation)")
+            path = write_animation(images, directory, stem, fmt, animation.duration, options.output.overwrite)
+            say(f"  {path} (animation)")
             paths.append(str(path))
         return {"animations": paths}
 
-    generate(script, model, output, report, sampling.settings, run, default_name=FRAME_NAME, after=after)
+    generate(Work(script, run, after), options, default_name=FRAME_NAME)
 
 
 @command(app, *FRAMES)
@@ -104,10 +87,7 @@ def interpolate(
     frames: FramesOpt = 8,
     *,
     animation: AnimationChoice,
-    sampling: Sampling,
-    model: ModelChoice,
-    output: OutputChoice,
-    report: Report,
+    generation: Generation,
 ) -> None:
     """Morph one image into another: slerp between their CLIP image embeddings, every frame
     decoded with the same noise; saves the frames ({prompt}-{seed}-{index}.png unless --name)
@@ -116,10 +96,10 @@ def interpolate(
 
     check_frames(frames)
     pictures = [open_image(path) for path in (first, second)]
-    note_fits((first, second), pictures, sampling.settings.pad, report)
+    note_fits((first, second), pictures, generation)
     sources = (str(first), str(second))
     run = lambda script: script.run(*pictures, frames=frames, text=animation.text, sources=sources)  # noqa: E731
-    _make_frames("manipulate.Interpolation", run, animation, sampling, model, output, report)
+    _make_frames("manipulate.Interpolation", run, animation, generation)
 
 
 @command(app, *FRAMES)
@@ -138,10 +118,7 @@ def textdiff(
     ] = 0.5,
     *,
     animation: AnimationChoice,
-    sampling: Sampling,
-    model: ModelChoice,
-    output: OutputChoice,
-    report: Report,
+    generation: Generation,
 ) -> None:
     """Edit an image by a change of caption (the paper's text diff): move its CLIP image
     embedding toward normalize(text(--to) - text(--from)); saves the frames
@@ -150,11 +127,11 @@ def textdiff(
 
     check_text_diff(frames, max_angle, from_text, to_text)
     picture = open_image(image)
-    note_fits([image], [picture], sampling.settings.pad, report)
+    note_fits([image], [picture], generation)
 
     def run(script: Any) -> list:
         return script.run(
             picture, from_text, to_text, frames=frames, max_angle=max_angle, text=animation.text, source=str(image)
         )
 
-    _make_frames("manipulate.TextDiff", run, animation, sampling, model, output, report)
+    _make_frames("manipulate.TextDiff", run, animation, generation)

@@ -1,117 +1,33 @@
-"""The options the commands share, each group declared once, and the guard every command runs in.
+"""The option groups the commands share, each declared once (see dalle2_cli.cli.groups):
+which models and how to load them (MODEL), how to sample (`sampling`), where to write
+(OUTPUT), and `generation`, all of these with the report options, as every generating command
+takes them:
 
-A command lists the groups it takes; `command` adds their options to its signature (typer
-reads them from there) and hands the command one typed value per group:
-
-    @command(app, MODEL, sampling(prior=True), OUTPUT, report("the images"))
-    def text2im(prompts: ..., model: ModelChoice, sampling: Sampling, output: OutputChoice, report: Report): ...
+    @command(app, generation(prior=True))
+    def text2im(prompts: ..., *, generation: Generation) -> None: ...
 
 Torch is never imported here: `dalle2 --help` and every bad option answer at once.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
-import signal
-import sys
-import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
-
-from dalle2_cli.errors import ConfigWarning, Dalle2Error, InputError, SettingError
-from dalle2_cli.sampling.settings import SamplingSettings, check_count
+from dalle2_cli.cli.groups import Group, option
+from dalle2_cli.cli.report import Report, report
+from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.loading.choices import Precision, Weights
+from dalle2_cli.sampling.settings import SAMPLERS, SamplingSettings, check_count
 
 CONFIG_ENV = "DALLE2_CONFIG"
 THREADS_ENV = "DALLE2_THREADS"
 DEFAULT_CONFIG = "shapes"  # the model shipped in the package: works offline, on CPU
-
-# The option that sets each library setting, for messages about a bad value.
-FLAGS = {
-    "num_images": "--num-images",
-    "batch_size": "--batch-size",
-    "seed": "--seed",
-    "prior_steps": "--prior-steps",
-    "prior_cond_scale": "--prior-cond-scale",
-    "decoder_steps": "--decoder-steps",
-    "decoder_cond_scale": "--decoder-cond-scale",
-    "frames": "--frames",
-    "max_angle": "--max-angle",
-    "duration_ms": "--duration",
-    "candidates": "--rerank",
-    "source_text": "--from",
-    "target_text": "--to",
-    "threads": "--threads",
-    "grid_rows": "--grid-rows",
-    "mask_grow": "--mask-grow",
-}
-
-
-# -- declaring a group once ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Group:
-    """Options a command takes as one value: `build(**their values)` makes it, and the command
-    receives it as its parameter `name`."""
-
-    name: str
-    options: tuple[inspect.Parameter, ...]
-    build: Callable[..., Any]
-
-
-def option(name: str, kind: Any, default: Any, *flags: str, help: str, **extra: Any) -> inspect.Parameter:
-    """One keyword option; a bool is a flag (shown without a placeholder)."""
-    if kind is bool:
-        extra.setdefault("metavar", "")
-    annotation = Annotated[kind, typer.Option(*flags, help=help, **extra)]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-def command(app: typer.Typer, *groups: Group, name: str | None = None) -> Callable:
-    """Register `function` as a command of `app` with the options of `groups` added, run
-    inside the guard (one-line errors; tracebacks only with --debug)."""
-
-    def register(function: Callable) -> Callable:
-        signature = inspect.signature(function, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name not in {g.name for g in groups}]
-        added = [p for g in groups for p in g.options]
-
-        @functools.wraps(function)
-        def run(**values: Any) -> None:
-            with guard(bool(values.get("debug"))):
-                for group in groups:
-                    values[group.name] = group.build(**{p.name: values.pop(p.name) for p in group.options})
-                function(**values)
-
-        parameters = own + added
-        run.__signature__ = signature.replace(parameters=parameters)  # what typer reads
-        run.__annotations__ = {p.name: p.annotation for p in parameters}
-        app.command(name=name)(run)
-        return run
-
-    return register
-
-
-# -- the groups -----------------------------------------------------------------------------
-
-
-class Weights(StrEnum):
-    ema = "ema"
-    raw = "raw"
-
-
-class Precision(StrEnum):
-    fp32 = "fp32"
-    fp16 = "fp16"
-    bf16 = "bf16"
 
 
 def go_offline() -> None:
@@ -139,7 +55,7 @@ class ModelChoice:
     config: str
     device: str | None = None
     dtype: Precision = Precision.fp32
-    prefer_ema: bool = True
+    weights: Weights = Weights.ema
     strict: bool | None = None  # None: the config's strict_loading
     offline: bool = False
     keep_resident: bool = False
@@ -149,15 +65,12 @@ class ModelChoice:
 
     def manager_options(self) -> dict[str, Any]:
         """DalleModelManager's keyword arguments (imports torch)."""
-        import torch
-
-        dtypes = {Precision.fp32: torch.float32, Precision.fp16: torch.float16, Precision.bf16: torch.bfloat16}
         return {
             "offline": True if self.offline else None,  # None: as the user's environment says
             "device": self.device,
-            "prefer_ema": self.prefer_ema,
+            "weights": self.weights,
             "strict": self.strict,
-            "dtype": dtypes[self.dtype],
+            "dtype": self.dtype.dtype,
             "keep_resident": self.keep_resident,
             "compile": self.compile,
         }
@@ -189,7 +102,7 @@ def _model(
         config_name(config),
         device,
         dtype,
-        weights == Weights.ema,
+        weights,
         False if non_strict else None,
         offline,
         keep_resident,
@@ -264,70 +177,84 @@ def _split(text: str | None, kind: Callable, what: str, field: str) -> list | No
         raise SettingError(field, f"expects {what}, one or comma-separated per unet, got {text!r}") from None
 
 
-def sampling(prior: bool = False, count: bool = True, pad: bool = False) -> Group:
-    """-n, --seed, --batch-size and the decoder's steps and guidance; with `prior` its steps and
-    guidance too, with `pad` the non-square-input option."""
-    options = []
-    if count:
-        options.append(option("num_images", int, 1, "--num-images", "-n", help="Images per prompt or per input image."))
-    options += [
-        option("seed", int | None, None, "--seed", help="Same seed and settings give the same images."),
-        option("batch_size", int, 4, "--batch-size", help="Images sampled at once."),
-    ]
-    if prior:
-        options += [
-            option("prior_steps", int | None, None, "--prior-steps", help="Prior sampling steps."),
-            option("prior_cond_scale", float | None, None, "--prior-cond-scale", help="Prior guidance scale."),
-        ]
-    options += [
-        option(
-            "decoder_steps",
-            str | None,
-            None,
-            "--decoder-steps",
-            help="Decoder sampling steps: one value, or comma-separated per unet.",
-        ),
-        option(
-            "decoder_cond_scale",
-            str | None,
-            None,
-            "--decoder-cond-scale",
-            help="Decoder guidance scale: one value, or comma-separated per unet.",
-        ),
-    ]
-    if pad:
-        options.append(
-            option(
-                "pad",
-                bool,
-                False,
-                "--pad",
-                help="Fit a non-square image whole, padded with white, instead of center-cropping it.",
-            )
-        )
+# typer offers an Enum's values as the choices.
+Sampler = StrEnum("Sampler", {name: name for name in SAMPLERS})
+SAMPLER_HELP = (
+    "ddpm (ancestral), ddim, or dpm++2m (DPM-Solver++ 2M: as good in fewer steps), for every stage. "
+    "Default: the config's, else ddim when fewer steps than trained are asked for, else ddpm."
+)
+NUM_IMAGES = option("num_images", int, 1, "--num-images", "-n", help="Images per prompt or per input image.")
+COMMON_SAMPLING = (
+    option("seed", int | None, None, "--seed", help="Same seed and settings give the same images."),
+    option("batch_size", int, 4, "--batch-size", help="Images sampled at once."),
+    option("sampler", Sampler | None, None, "--sampler", help=SAMPLER_HELP),
+    option("ddim_eta", float | None, None, "--ddim-eta", help="ddim's noise: 0 deterministic, 1 as ddpm."),
+)
+PRIOR_SAMPLING = (
+    option("prior_steps", int | None, None, "--prior-steps", help="Prior sampling steps."),
+    option("prior_cond_scale", float | None, None, "--prior-cond-scale", help="Prior guidance scale."),
+    option(
+        "negative_prompt",
+        str | None,
+        None,
+        "--negative-prompt",
+        help="What the image should not be: the prior's guidance steers away from this text.",
+    ),
+)
+DECODER_SAMPLING = (
+    option(
+        "decoder_steps", str | None, None, "--decoder-steps", help="Decoder steps: one, or comma-separated per unet."
+    ),
+    option(
+        "decoder_cond_scale",
+        str | None,
+        None,
+        "--decoder-cond-scale",
+        help="Decoder guidance scale: one value, or comma-separated per unet.",
+    ),
+)
+PAD = option(
+    "pad", bool, False, "--pad", help="Fit a non-square image whole, padded with white, instead of center-cropping it."
+)
+RESAMPLE = option(
+    "inpaint_resample_times",
+    int,
+    SamplingSettings.inpaint_resample_times,
+    "--resample",
+    metavar="N",
+    help="RePaint's rounds per step: more make the fill agree with what is kept, at N times the cost.",
+)
+
+
+def sampling(prior: bool = False, count: bool = True, pad: bool = False, inpaint: bool = False) -> Group:
+    """-n, --seed, --batch-size, --sampler and the decoder's steps and guidance; with `prior` its
+    steps, guidance and --negative-prompt too, with `pad` the non-square-input option, with
+    `inpaint` RePaint's resampling rounds."""
+    options = (
+        *([NUM_IMAGES] if count else []),
+        *COMMON_SAMPLING,
+        *(PRIOR_SAMPLING if prior else ()),
+        *DECODER_SAMPLING,
+        *([PAD] if pad else []),
+        *([RESAMPLE] if inpaint else []),
+    )
 
     def build(
         num_images: int = 1,
-        seed: int | None = None,
-        batch_size: int = 4,
-        prior_steps: int | None = None,
-        prior_cond_scale: float | None = None,
         decoder_steps: str | None = None,
         decoder_cond_scale: str | None = None,
-        pad: bool = False,
+        sampler: Sampler | None = None,
+        **values: Any,
     ) -> Sampling:
         settings = SamplingSettings(
-            prior_steps=prior_steps,
-            prior_cond_scale=prior_cond_scale,
             decoder_steps=_split(decoder_steps, int, "whole numbers", "decoder_steps"),
             decoder_cond_scale=_split(decoder_cond_scale, float, "numbers", "decoder_cond_scale"),
-            batch_size=batch_size,
-            seed=seed,
-            pad=pad,
+            sampler=None if sampler is None else sampler.value,
+            **values,
         )
         return Sampling(check_count(num_images), settings)
 
-    return Group("sampling", tuple(options), build)
+    return Group("sampling", options, build)
 
 
 @dataclass(frozen=True)
@@ -384,129 +311,23 @@ OUTPUT = Group(
 
 
 @dataclass(frozen=True)
-class Report:
-    """How a command reports: lines on stderr (`info` hidden by --quiet; warnings and errors
-    always), one JSON object on stdout with --json."""
+class Generation:
+    """What every generating command takes: how to sample, which models, where to write, how
+    to report."""
 
-    json: bool = False
-    quiet: bool = False
-    debug: bool = False
-
-    def info(self, message: str) -> None:
-        if not self.quiet:
-            say(message)
-
-    def warning(self, message: str) -> None:
-        say(f"warning: {message}")
-
-    def print_json(self, value: Any) -> None:
-        import json
-
-        print(json.dumps(value))
+    sampling: Sampling
+    model: ModelChoice
+    output: OutputChoice
+    report: Report
 
 
-def report(what: str, quiet: bool = False) -> Group:
-    """--json (printing one JSON object describing `what`), --debug, and with `quiet` -q."""
-    options = [option("json_out", bool, False, "--json", help=f"Print one JSON object describing {what} on stdout.")]
-    if quiet:
-        options.append(
-            option(
-                "quiet",
-                bool,
-                False,
-                "--quiet",
-                "-q",
-                help="Only warnings and errors on stderr: no progress bars, no lines about what was loaded and saved.",
-            )
-        )
-    options.append(option("debug", bool, False, "--debug", help="Show tracebacks."))
+def generation(
+    what: str = "the images", prior: bool = False, count: bool = True, pad: bool = False, inpaint: bool = False
+) -> Group:
+    """The sampling, MODEL, OUTPUT and report groups as one (`what` the report describes)."""
+    parts = (sampling(prior, count, pad, inpaint), MODEL, OUTPUT, report(what, quiet=True))
 
-    def build(json_out: bool, debug: bool, quiet: bool = False) -> Report:
-        return Report(json_out, quiet, debug)
+    def build(**values: Any) -> Generation:
+        return Generation(*(part.build(**{p.name: values[p.name] for p in part.options}) for part in parts))
 
-    return Group("report", tuple(options), build)
-
-
-# -- the guard ------------------------------------------------------------------------------
-
-
-def say(message: str) -> None:
-    print(message, file=sys.stderr)
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised where the program is so that files being written are cleaned up."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-    if issubclass(category, ConfigWarning):
-        say(f"warning: {message}")
-    # Other libraries' warnings (deprecations and the like) are not for the user of the CLI.
-
-
-@contextmanager
-def guard(debug: bool) -> Iterator[None]:
-    """Known errors become one line and an exit code, unless --debug; SIGTERM and Ctrl-C stop
-    the command cleanly (no half-written file is left)."""
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    # OpenMP threads that spin while waiting collapse when another process shares the cores
-    # (scripts/bench_threads.py): waiting threads sleep instead, unless the user chose how
-    # they wait. Read when torch loads, which is later.
-    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    handler = signal.signal(signal.SIGTERM, _terminate) if threading_main() else None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always", ConfigWarning)
-            if not debug:
-                warnings.showwarning = _show_warning
-            yield
-    except (typer.Exit, typer.Abort):
-        raise
-    except Exception as error:  # noqa: BLE001 - every failure becomes one line (a traceback with --debug)
-        if debug:
-            raise
-        say(f"error: {describe(error)}")
-        raise typer.Exit(error.exit_code if isinstance(error, Dalle2Error) else 1) from None
-    except KeyboardInterrupt:
-        say("interrupted: images finished so far are saved")
-        raise typer.Exit(130) from None
-    except Terminated:
-        say("terminated: images finished so far are saved")
-        raise typer.Exit(143) from None
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGTERM, handler)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-def describe(error: BaseException, most: int = 400) -> str:
-    """One line, at most `most` characters, saying what went wrong (never a bare type name)."""
-    if isinstance(error, SettingError):
-        text = f"{FLAGS.get(error.field, error.field)} {error.problem}"
-    elif isinstance(error, Dalle2Error):
-        text = str(error)
-    elif isinstance(error, BrokenPipeError):
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `... --json | head`
-        text = "the output pipe was closed"
-    elif isinstance(error, MemoryError):
-        text = "out of memory: ask for fewer images at once (--batch-size), or use --dtype bf16"
-    elif isinstance(error, RecursionError):
-        text = "an input is nested too deeply to read"
-    elif isinstance(error, OSError):
-        where = f": {error.filename}" if error.filename else ""
-        text = f"{error.strerror or type(error).__name__}{where}"
-    else:
-        detail = str(error).strip() or "no details"
-        text = f"unexpected {type(error).__name__}: {detail} (run with --debug for the traceback)"
-    text = " ".join(text.split())
-    return text if len(text) <= most else text[: most - 5] + " ..."
+    return Group("generation", tuple(p for part in parts for p in part.options), build)

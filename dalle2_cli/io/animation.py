@@ -23,7 +23,7 @@ def check_animation_format(fmt: AnimationFormat | str) -> AnimationFormat:
 
     fmt = AnimationFormat(fmt)
     if fmt == AnimationFormat.webp and not features.check("webp"):
-        raise InputError("this Pillow was built without WebP support: use --format gif")
+        raise InputError(template="this Pillow was built without WebP support: use {animation format} gif")
     return fmt
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError, literal
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, so that reading inputs stays fast
     import torch
@@ -127,19 +127,6 @@ def fit_square(image: Image.Image, size: int, pad: bool = False) -> Image.Image:
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
 
 
-def center_square(image: Image.Image, size: int) -> Image.Image:
-    """Center-crop to a square and resize to `size` pixels a side."""
-    return fit_square(image, size)
-
-
-def fit_note(name: str | Path, image: Image.Image, pad: bool = False) -> str | None:
-    """The one-line note the CLI prints for a non-square input; None for a square one."""
-    if image.width == image.height:
-        return None
-    how = "padded to a square with white" if pad else "center-cropped to a square (--pad keeps all of it)"
-    return f"note: {name} is {image.width}x{image.height}; {how}"
-
-
 def _center_box(width: int, height: int) -> tuple[int, int, int, int]:
     """The square that center-cropping keeps, as `ImageOps.fit` centres it."""
     side = min(width, height)
@@ -158,7 +145,7 @@ def open_mask(path: str | Path, size: tuple[int, int], *, grow: int = 0, pad: bo
     """
     path = Path(path)
     if grow < 0:
-        raise InputError(f"--mask-grow must be 0 or more pixels, got {grow}")
+        raise SettingError("mask_grow", f"must be 0 or more pixels, got {grow}")
     mask = _read(path, "mask")
     if mask.size != size:
         # Sizes swapped: most likely one of the two carries an EXIF rotation the other lacks.
@@ -186,13 +173,14 @@ def open_mask(path: str | Path, size: tuple[int, int], *, grow: int = 0, pad: bo
         used = regenerate[top:bottom, left:right]
         if not used.any():
             raise InputError(
-                f"mask {path} marks only areas outside the {size[0]}x{size[1]} image's center square, the part "
-                "that is used: pass --pad to use the whole image"
+                template=literal(f"mask {path} marks only areas outside the {size[0]}x{size[1]} image's center square")
+                + ", the part that is used: pass {pad=True} to use the whole image"
             )
         if used.all():
             raise InputError(
-                f"mask {path} marks all of the {size[0]}x{size[1]} image's center square, the part that is used"
-                f"{grown}: keep some of it black, or pass --pad to use the whole image"
+                template=literal(f"mask {path} marks all of the {size[0]}x{size[1]} image's center square, ")
+                + literal(f"the part that is used{grown}: keep some of it black, ")
+                + "or pass {pad=True} to use the whole image"
             )
     return regenerate
 
@@ -201,7 +189,7 @@ def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
     """Dilate the True area by `pixels` in every direction: each pixel within that distance of
     a marked one is marked (a disc, not a square, so corners stay round)."""
     if pixels < 0:
-        raise InputError(f"--mask-grow must be 0 or more pixels, got {pixels}")
+        raise SettingError("mask_grow", f"must be 0 or more pixels, got {pixels}")
     mask = np.asarray(mask, dtype=bool)
     if pixels == 0 or not mask.any() or mask.all():
         return mask.copy()
@@ -256,11 +244,6 @@ def fit_mask(mask: np.ndarray, size: int, pad: bool = False) -> np.ndarray:
             "keep a larger area black"
         )
     return regenerate
-
-
-def resize_mask(mask: np.ndarray, size: int, pad: bool = False) -> np.ndarray:
-    """Square and resize a boolean mask the way `fit_square` treats its image."""
-    return fit_mask(mask, size, pad)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.io.atomic import atomic_path, numbered, write_new
 
 METADATA_KEY = "dalle2-cli"
@@ -50,16 +50,17 @@ DEFAULT_NAME = "{prompt}-{seed}"
 
 
 def check_name_template(template: str) -> str:
-    """A `--name` template: a file name (no directories) made of the fields in NAME_FIELDS."""
+    """A file name template (`--name`): a file name (no directories) made of the fields in NAME_FIELDS."""
     if not template.strip() or "/" in template or "\\" in template or "\0" in template:
-        raise InputError(f"--name {template!r} must be a file name without directories, like {DEFAULT_NAME!r}")
+        raise SettingError("template", f"{template!r} must be a file name without directories, like {DEFAULT_NAME!r}")
     try:
         fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as error:
-        raise InputError(f"--name {template!r} is not a valid template: {error}") from None
+        raise SettingError("template", f"{template!r} is not a valid template: {error}") from None
     unknown = [f for f in fields if f not in NAME_FIELDS]
     if unknown:
-        raise InputError(f"--name: unknown field {{{unknown[0]}}}; use {', '.join('{' + f + '}' for f in NAME_FIELDS)}")
+        fields = ", ".join("{" + f + "}" for f in NAME_FIELDS)
+        raise SettingError("template", f"has an unknown field {{{unknown[0]}}}; use {fields}")
     return template
 
 
@@ -202,10 +203,10 @@ def write_grid(
     return path
 
 
-def recorded_settings(path: Path, option: str = "") -> dict[str, Any]:
+def recorded_settings(path: Path, named_by: str = "") -> dict[str, Any]:
     """The settings dalle2 recorded in the image `path`, or a one-line InputError (whose
-    message starts with `option`, the command-line option that named the file, if any)."""
-    named = f"{option} {path}".strip()
+    message starts with `named_by`, what named the file, if anything)."""
+    named = f"{named_by} {path}".strip()
     if not path.is_file():
         raise InputError(f"{named}: no such image file")
     try:
@@ -214,12 +215,4 @@ def recorded_settings(path: Path, option: str = "") -> dict[str, Any]:
         raise InputError(f"{named}: cannot read it as an image ({error})") from None
     if metadata is None:
         raise InputError(f"{named} holds no dalle2 settings (it was not written by dalle2, or was re-saved)")
-    return metadata
-
-
-def recorded_run(path: Path) -> dict[str, Any]:
-    """The settings recorded in an image made by text2im, for `text2im --from`."""
-    metadata = recorded_settings(path, "--from")
-    if metadata.get("command") != "text2im" or not metadata.get("prompt"):
-        raise InputError(f"--from {path} was made by `dalle2 {metadata.get('command')}`; --from re-runs text2im images")
     return metadata

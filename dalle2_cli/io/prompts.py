@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,29 @@ def _prompt(item: Any, where: str) -> Prompt:
     except SettingError as error:
         raise InputError(f"{where}: {error}") from None
     return Prompt(text.strip(), count, seed)
+
+
+def shortened(text: str, words: int = 12) -> str:
+    """The first `words` words of `text` (at most 100 characters), for a one-line message."""
+    split = text.split()
+    short = " ".join(split[:words])[:100]
+    return short if len(split) <= words and len(text) <= 100 else f"{short} ... ({len(split)} words)"
+
+
+def ends(text: str, words: int = 5) -> str:
+    """`text`, or its first and last words when it is long: "a b c ... x y (40 words)"."""
+    split = text.split()
+    if len(split) <= 2 * words and len(text) <= 100:
+        return text
+    return f"{' '.join(split[:words])[:60]} ... {' '.join(split[-words:])[-60:]} ({len(split)} words)"
+
+
+def unknown_words(text: str, words: list[str], summary: str | None = None) -> str | None:
+    """A warning naming the words of `text` a model's vocabulary lacks, or None."""
+    known = {word.lower() for word in words}
+    unknown = [w for w in dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())) if w not in known]
+    if not unknown:
+        return None
+    named = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+    knows = f"; it knows {summary}" if summary else ""
+    return f"{shortened(text)!r}: the model was not trained on the word(s) {named}{knows}"

@@ -24,8 +24,9 @@ import packaging.version
 import torch
 from torch import nn
 
-from dalle2_cli.errors import InputError
+from dalle2_cli.errors import InputError, literal
 from dalle2_cli.io.atomic import atomic_path
+from dalle2_cli.loading.choices import Weights
 
 T = TypeVar("T", bound=nn.Module)
 
@@ -40,7 +41,7 @@ class Checkpoint:
     format: str
     config: dict[str, Any] | None = None
     version: str | None = None
-    weights: str = "raw"  # "ema" when the weights picked are the averaged (EMA) ones
+    weights: Weights = Weights.raw  # the weights picked: the averaged (EMA) ones, or the raw ones
     has_ema: bool = False  # whether the file holds EMA weights at all
     # What the file pickles beside its weights (a scheduler, an optimizer), never built.
     set_aside: list[str] = field(default_factory=list)
@@ -51,8 +52,10 @@ class Checkpoint:
 TRAINER_KEYS = ("optimizer", "optim0", "scheduler", "sched0", "step", "steps")
 
 
-def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cpu") -> Checkpoint:
+def read_checkpoint(path: Path, weights: Weights | str = Weights.ema, map_location: str = "cpu") -> Checkpoint:
+    """The weights of a file, EMA ones (when it has them) or raw ones as `weights` says."""
     path = Path(path)
+    prefer_ema = Weights(weights) == Weights.ema
     if path.suffix == ".safetensors":
         return _read_safetensors(path, map_location)
     raw, inert = _torch_load(path, map_location)
@@ -64,15 +67,15 @@ def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cp
     has_ema = False
     if isinstance(raw.get("model"), dict):
         state_dict = dict(raw["model"])
-        weights = "raw"
+        weights = Weights.raw
         if PRIOR_EMA in raw and isinstance(raw[PRIOR_EMA], dict):
             fmt, has_ema = "DiffusionPriorTrainer checkpoint", True
             if prefer_ema:
-                state_dict, weights = dict(raw[PRIOR_EMA]), "ema"
+                state_dict, weights = dict(raw[PRIOR_EMA]), Weights.ema
         elif DECODER_EMA in raw and isinstance(raw[DECODER_EMA], dict):
             fmt, has_ema = "DecoderTrainer checkpoint", True
             if prefer_ema:
-                state_dict, weights = _swap_in_decoder_ema(state_dict, raw[DECODER_EMA]), "ema"
+                state_dict, weights = _swap_in_decoder_ema(state_dict, raw[DECODER_EMA]), Weights.ema
         elif any(key in raw for key in TRAINER_KEYS):
             fmt = "trainer checkpoint"  # a trainer's save without EMA: trained without it
         else:
@@ -80,14 +83,14 @@ def read_checkpoint(path: Path, prefer_ema: bool = True, map_location: str = "cp
             # is dalle2-pytorch's default; only an embedded config can say it was off.
             fmt = "tracker model save"
             has_ema = _trained_with_ema(config)
-            weights = "ema" if has_ema else "raw"
+            weights = Weights.ema if has_ema else Weights.raw
     elif raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
-        state_dict, fmt, weights = raw, "state dict", "raw"
+        state_dict, fmt, weights = raw, "state dict", Weights.raw
     elif isinstance(raw.get("state_dict"), dict):
         # A checkpoint of open_clip's (and other) trainers: the weights under `state_dict`, with
         # DistributedDataParallel's `module.` prefix when saved from several GPUs.
         state_dict = {k.removeprefix("module."): v for k, v in raw["state_dict"].items()}
-        fmt, weights = "training checkpoint (state_dict)", "raw"
+        fmt, weights = "training checkpoint (state_dict)", Weights.raw
     else:
         keys = ", ".join(str(key)[:40] for key in list(raw)[:6])
         raise InputError(f"{path} is not a DALLE2-pytorch checkpoint (its keys: {keys})")
@@ -220,9 +223,9 @@ def _read_safetensors(path: Path, map_location: str) -> Checkpoint:
     except (SafetensorError, OSError) as error:
         raise InputError(f"cannot read {path} as safetensors: {error}") from None
     config = json.loads(metadata["config"]) if "config" in metadata else None
-    weights = metadata.get("weights", "raw")
+    weights = Weights.ema if metadata.get("weights") == "ema" else Weights.raw
     version = metadata.get("dalle2_pytorch_version")
-    return Checkpoint(path, strip_clip(state_dict), "safetensors", config, version, weights, weights == "ema")
+    return Checkpoint(path, strip_clip(state_dict), "safetensors", config, version, weights, weights == Weights.ema)
 
 
 def _swap_in_decoder_ema(model: dict[str, torch.Tensor], ema: dict[str, Any]) -> dict[str, Any]:
@@ -302,9 +305,8 @@ def load_weights(
         else:
             fix = "check that the config is the one this file was trained with"
         raise InputError(
-            f"{what} does not match its model: {'; '.join(parts)}.\n"
-            f"Fix: {fix}, or load anyway with --non-strict (config: "
-            '"strict_loading": false), which leaves those weights random.'
+            template=literal(f"{what} does not match its model: {'; '.join(parts)}.\nFix: {fix}, ")
+            + 'or load anyway with {strict=False} (config: "strict_loading": false), which leaves those weights random.'
         )
     # The module adopts the file's (memory-mapped) tensors rather than copying them into its own,
     # so loading holds one copy of the weights; tensors of another dtype are converted first.

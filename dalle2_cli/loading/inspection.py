@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle2_cli.loading.checkpoint import read_checkpoint, stage_of
+from dalle2_cli.loading.choices import Weights
 from dalle2_cli.sources.digests import file_sha256
 
 
@@ -21,7 +22,7 @@ class Inspection:
     dalle2_pytorch_version: str | None
     installed_dalle2_pytorch_version: str
     has_ema: bool
-    weights: str
+    weights: Weights
     dtypes: dict[str, int]  # dtype -> number of tensors
     parameters: dict[str, int]  # module -> number of values
     config: dict[str, Any]
@@ -84,11 +85,11 @@ def summarize_config(config: dict[str, Any] | None) -> dict[str, Any]:
     return {"keys": sorted(config)}
 
 
-def inspect_file(path: str | Path, prefer_ema: bool = True) -> Inspection:
+def inspect_file(path: str | Path, weights: Weights | str = Weights.ema) -> Inspection:
     from dalle2_pytorch.version import __version__ as installed
 
     path = Path(path)
-    checkpoint = read_checkpoint(path, prefer_ema=prefer_ema)
+    checkpoint = read_checkpoint(path, weights)
     tensors = checkpoint.state_dict
     parameters: Counter[str] = Counter()
     for key, tensor in tensors.items():

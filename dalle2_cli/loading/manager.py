@@ -20,6 +20,7 @@ from dalle2_cli.config import File, ModelLoadConfig, describe_validation_error
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.textfiles import read_json
 from dalle2_cli.loading.checkpoint import Checkpoint, load_weights, new_model, read_checkpoint, stage_of
+from dalle2_cli.loading.choices import Weights
 from dalle2_cli.loading.clip import build_clip, text_encoding_dim
 from dalle2_cli.loading.devices import resolve_device
 from dalle2_cli.loading.stitch import check_fit, read_part, stitched_config, stitched_state_dict
@@ -39,7 +40,7 @@ class DalleModelManager:
         resolve: Callable[[File], Path] | None = None,
         log: Callable[[str], None] | None = None,
         warn: Callable[[str], None] | None = None,
-        prefer_ema: bool = True,
+        weights: Weights | str = Weights.ema,
         strict: bool | None = None,
         dtype: torch.dtype = torch.float32,
         keep_resident: bool = False,
@@ -47,7 +48,7 @@ class DalleModelManager:
         name: str | None = None,
         offline: bool | None = None,
     ):
-        """`prefer_ema`: use a file's EMA weights when it has them (they generate better);
+        """`weights`: a file's EMA weights when it has them (they generate better), or raw;
         `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
         (sampling then runs under autocast, see InferenceScript); `keep_resident`: keep every
         model on an accelerator device, instead of only the stage that runs (see `using`);
@@ -61,7 +62,7 @@ class DalleModelManager:
         # How images' metadata names the config: as the user named it (`shapes`), else its file.
         self.name = name or (str(config.source_path) if config.source_path else "config")
         self.dtype = dtype
-        self.prefer_ema = prefer_ema
+        self.weights = Weights(weights)
         self.strict = config.strict_loading if strict is None else strict
         self.device = resolve_device(device or config.device)
         # On an accelerator, models wait in host memory and only the running stage's sits on
@@ -99,7 +100,7 @@ class DalleModelManager:
 
     def _checkpoint(self, role: str, file: File) -> Checkpoint:
         path = self._resolve(role, file)
-        checkpoint = read_checkpoint(path, prefer_ema=self.prefer_ema, map_location=self.map_location)
+        checkpoint = read_checkpoint(path, self.weights, map_location=self.map_location)
         stage = stage_of(list(checkpoint.state_dict))
         expected = role.split()[0]  # "prior" or "decoder"
         if stage != "unknown" and not stage.startswith(expected):
@@ -108,7 +109,7 @@ class DalleModelManager:
         self.versions[role] = checkpoint.version
         if checkpoint.version and checkpoint.version != DALLE2_VERSION:
             self.warn(f"{path.name} was written by dalle2-pytorch {checkpoint.version}; {DALLE2_VERSION} is installed")
-        if not self.prefer_ema and checkpoint.weights == "ema":
+        if self.weights == Weights.raw and checkpoint.weights == Weights.ema:
             self.warn(
                 f"raw weights asked for, but {path.name} holds only EMA weights ({checkpoint.format}): using them"
             )

@@ -58,6 +58,11 @@ class PriorConditions:
     text_encodings: torch.Tensor | None = None
     negative: PriorConditions | None = None
 
+    def repeated(self, rows: int) -> PriorConditions:
+        """These conditions (of one row) for `rows` rows."""
+        encodings = None if self.text_encodings is None else self.text_encodings.expand(rows, -1, -1)
+        return PriorConditions(self.text_embed.expand(rows, -1), encodings)
+
     def as_kwargs(self) -> dict[str, Any]:
         kwargs = {"text_embed": self.text_embed}
         if self.text_encodings is not None:

@@ -23,8 +23,9 @@ from PIL import Image
 
 from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.sampling.generated import GeneratedImage
 from dalle2_cli.sampling.pipelines import TextToImage
-from dalle2_cli.sampling.script import GeneratedImage, InferenceScript
+from dalle2_cli.sampling.script import InferenceScript
 from dalle2_cli.sampling.settings import check_frames, check_text_diff
 
 __all__ = [
@@ -239,10 +240,6 @@ class RerankedTextToImage(TextToImage):
                 )
             )
         return kept
-
-    def clip_scores(self, images: Sequence[Image.Image], text: str) -> list[float]:
-        """Cosine similarity of each image's CLIP image embedding with `text`'s text embedding."""
-        return self._scores(images, self._text_embeds([text])[text])
 
     @torch.inference_mode()
     def _text_embeds(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

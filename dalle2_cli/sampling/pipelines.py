@@ -14,7 +14,8 @@ from PIL import Image, ImageOps
 
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.prompts import Prompt
-from dalle2_cli.sampling.script import GeneratedImage, InferenceScript
+from dalle2_cli.sampling.generated import GeneratedImage
+from dalle2_cli.sampling.script import InferenceScript
 from dalle2_cli.sampling.settings import check_count, check_total
 
 
@@ -127,7 +128,7 @@ class Inpainting(InferenceScript):
             embeds = list(self._embed_images([image]).expand(num_images, -1))
         size = self.models.decoder.image_sizes[-1]
         box = padded_box(image.size, size) if s.pad else None
-        record = {"mask": mask_source, "mask_grow": mask_grow, "pad": s.pad}
+        record = {"mask": mask_source, "mask_grow": mask_grow, "pad": s.pad, "resample": s.inpaint_resample_times}
         made: dict[int, GeneratedImage] = {}
 
         def finished(batch: list[tuple[int, int, Image.Image]]) -> None:

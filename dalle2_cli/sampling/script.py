@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,39 +19,17 @@ import torch
 from PIL import Image
 
 from dalle2_cli.errors import SettingError
-from dalle2_cli.io.images import fit_mask, fit_square, to_pil, to_tensor
+from dalle2_cli.io.images import fit_square, to_pil, to_tensor
+from dalle2_cli.io.prompts import ends, shortened, unknown_words
 from dalle2_cli.loading.clip import cut_off_words, tokenize
 from dalle2_cli.loading.manager import DalleModelManager
+from dalle2_cli.sampling.batches import Batch, DecoderBatches, stack_rows
+from dalle2_cli.sampling.generated import GeneratedImage
 from dalle2_cli.sampling.loops import Inpaint, PriorConditions, UnetConditions, best_of, sample_prior, sample_unet
 from dalle2_cli.sampling.noise import ImageNoise
 from dalle2_cli.sampling.progress import NoProgress
 from dalle2_cli.sampling.schedulers import DECODER, PRIOR, make_scheduler
 from dalle2_cli.sampling.settings import SamplingSettings, StagePlan, Trained, check_finite, plan_stage
-
-
-@dataclass
-class GeneratedImage:
-    image: Image.Image
-    seed: int  # this image's own: a run with this seed and one image makes it again
-    index: int  # which of the images made from the same input
-    prompt: str | None = None
-    source: str | None = None  # the input image, for variations and inpainting
-    settings: dict[str, Any] = field(default_factory=dict)
-    # What made it: the command, the config, the model files and their sha256, the tool.
-    provenance: dict[str, Any] = field(default_factory=dict)
-
-    def metadata(self) -> dict[str, Any]:
-        """Everything a PNG of this image records (see `dalle2 info`)."""
-        own = {"prompt": self.prompt, "seed": self.seed, "index": self.index, "source": self.source}
-        return {**own, **self.settings, **self.provenance}
-
-    def save(self, path: str | Path) -> Path:
-        """Write the image as a PNG with `metadata()` in it, whole or not at all."""
-        from dalle2_cli.io.output import save_png
-
-        path = Path(path)
-        save_png(self.image, path, self.metadata())
-        return path
 
 
 def _per_unet(values: Sequence | None, count: int, what: str) -> list:
@@ -124,7 +99,23 @@ class InferenceScript:
             )
             if self.settings.negative_prompt is not None:
                 planned["negative_prompt"] = self.settings.negative_prompt
+                if prior.cond_scale == 1 and "negative scale" not in self._warned:
+                    self._warned.add("negative scale")
+                    self.models.warn(
+                        "a negative prompt acts through the prior's guidance, which is off at scale 1: "
+                        "raise the prior's guidance scale (to 2, say) for it to count"
+                    )
+        elif self.settings.negative_prompt is not None and "negative unused" not in self._warned:
+            self._warned.add("negative unused")
+            self.models.warn("the negative prompt is ignored: it steers the prior, which this run does not use")
         unets = self.decoder_plans()
+        if self.settings.ddim_eta is not None:
+            used = {planned.get("prior_sampler"), *(p.sampler for p in unets)} - {None}
+            if "ddim" in used:
+                planned["ddim_eta"] = self.settings.ddim_eta
+            elif "ddim eta" not in self._warned:
+                self._warned.add("ddim eta")
+                self.models.warn(f"the DDIM eta is ignored: no stage samples with ddim (they use {', '.join(used)})")
         planned.update(
             decoder_sampler=[p.sampler for p in unets],
             decoder_steps=[p.steps for p in unets],
@@ -166,15 +157,10 @@ class InferenceScript:
         """Warn about words CLIP will not see (past its context) or the model never saw."""
         cut = cut_off_words(text, context_length)
         if cut:
-            self.models.warn(f"the prompt is longer than CLIP's {context_length} tokens; left out: {_ends(cut)}")
+            self.models.warn(f"the prompt is longer than CLIP's {context_length} tokens; left out: {ends(cut)}")
         vocabulary = self.models.config.vocabulary
-        if vocabulary is not None and text:
-            known = {word.lower() for word in vocabulary.words}
-            unknown = [w for w in dict.fromkeys(re.findall(r"[^\W\d_]+", text.lower())) if w not in known]
-            if unknown:
-                words = ", ".join(repr(w) for w in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
-                knows = f"; it knows {vocabulary.summary}" if vocabulary.summary else ""
-                self.models.warn(f"{_shortened(text)!r}: the model was not trained on the word(s) {words}{knows}")
+        if vocabulary is not None and (warning := unknown_words(text, vocabulary.words, vocabulary.summary)):
+            self.models.warn(warning)
 
     def _embed_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's text embeddings and per-token encodings, in float32."""
@@ -202,7 +188,7 @@ class InferenceScript:
     def _text_for_decoder(self, text: str | None) -> str | None:
         """`text`, or None with a warning when the decoder takes no text (it would be ignored)."""
         if text is not None and not self._takes_text():
-            self.models.warn(f"this decoder is not conditioned on text: the text {_shortened(text)!r} is ignored")
+            self.models.warn(f"this decoder is not conditioned on text: the text {shortened(text)!r} is ignored")
             return None
         return text
 
@@ -254,12 +240,13 @@ class InferenceScript:
                 results[index].append(embed)
         return results
 
-    def _negative_conditions(self) -> _Negative | None:
+    def _negative_conditions(self) -> PriorConditions | None:
+        """A negative prompt's conditioning, one row (to be `repeated` for a batch)."""
         text = self.settings.negative_prompt
         if text is None:
             return None
         text_embed, encodings = self._embed_text(self._tokens([text]))
-        return _Negative(text_embed, encodings if self.models.prior.condition_on_text_encodings else None)
+        return PriorConditions(text_embed, encodings if self.models.prior.condition_on_text_encodings else None)
 
     @torch.inference_mode()
     def _sample_decoder(
@@ -289,7 +276,7 @@ class InferenceScript:
         """
         if (images is None) == (image_embed is None):
             raise ValueError("give exactly one of images and image_embed")
-        embeds = self._embed_images(images) if images is not None else _stack(image_embed)
+        embeds = self._embed_images(images) if images is not None else stack_rows(image_embed)
         decoder = self.models.decoder
         plans = self.decoder_plans()
         steps = timesteps or [p.steps for p in plans]
@@ -297,7 +284,7 @@ class InferenceScript:
         if cond_scale is not None:
             given = [cond_scale] if isinstance(cond_scale, int | float) else list(cond_scale)
             scales = [check_finite("decoder_cond_scale", s) for s in _per_unet(given, len(plans), "decoder_cond_scale")]
-        batches = _DecoderBatches(self, embeds, text, text_encoding, sample_count, batch_size, seeds)
+        batches = DecoderBatches(self, embeds, text, text_encoding, sample_count, batch_size, seeds)
         batches.inpaint(inpaint_images, inpaint_image_masks, decoder.image_sizes[-1], self.settings.pad)
         bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
         for bar, plan, unet_steps, schedule in zip(bars, plans, steps, decoder.noise_schedulers, strict=True):
@@ -315,7 +302,7 @@ class InferenceScript:
         return results
 
     def _decode(
-        self, batch: _Batch, plans: list[StagePlan], steps: list[int], scales: list[float], bars: list[str]
+        self, batch: Batch, plans: list[StagePlan], steps: list[int], scales: list[float], bars: list[str]
     ) -> torch.Tensor:
         """Every unet on one batch, each upsampler taking the images of the one before, noised
         at the level its own file says."""
@@ -401,113 +388,5 @@ class InferenceScript:
             self._holding -= 1
 
 
-@dataclass
-class _Negative:
-    """A negative prompt's CLIP conditioning (one row), repeated for a batch's rows."""
-
-    text_embed: torch.Tensor
-    text_encodings: torch.Tensor | None
-
-    def repeated(self, rows: int) -> PriorConditions:
-        encodings = None if self.text_encodings is None else self.text_encodings.expand(rows, -1, -1)
-        return PriorConditions(self.text_embed.expand(rows, -1), encodings)
-
-
-@dataclass
-class _Batch:
-    """One decoder batch: which input each image comes from, its seed and conditioning."""
-
-    inputs: list[int]
-    seeds: list[int]
-    image_embed: torch.Tensor
-    text_encodings: torch.Tensor | None = None
-    keep_images: torch.Tensor | None = None
-    keep_masks: torch.Tensor | None = None
-
-
-class _DecoderBatches:
-    """The decoder's images cut into batches of `batch_size`, input by input, `sample_count`
-    images of each; text encoded batch by batch, all before the decoder runs (no model swap
-    per batch): a batch's pixels then depend on that batch alone, whatever else the run holds
-    (GPU kernels may round by batch shape), which scale-out relies on."""
-
-    def __init__(
-        self,
-        script: InferenceScript,
-        embeds: torch.Tensor,
-        text: Sequence[str] | str | None,
-        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None,
-        sample_count: int,
-        batch_size: int,
-        seeds: Sequence[int] | None,
-    ):
-        count = embeds.shape[0]
-        self.embeds = embeds
-        self.jobs = [index for index in range(count) for _ in range(sample_count)]
-        self.seeds = script._job_seeds(seeds, len(self.jobs), sample_count)
-        self.batch_size = batch_size
-        self.encodings: list[torch.Tensor | None] = [None] * len(self)
-        if script._takes_text():
-            if text_encoding is not None:
-                given = _stack(text_encoding)
-                given = given.expand(count, *given.shape[1:]) if given.shape[0] == 1 and count > 1 else given
-                self.encodings = [given[chunk] for chunk in self._chunks()]
-            else:
-                texts = [text] * count if text is None or isinstance(text, str) else list(text)
-                self.encodings = [script._text_encodings([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
-        self.keep_images = self.keep_masks = None
-
-    def inpaint(self, images: Sequence[Image.Image] | None, masks: Sequence[Any] | None, size: int, pad: bool) -> None:
-        """Keep these images (one per input) where the masks (True = regenerate) are False."""
-        if images is None:
-            return
-        if masks is None or len(masks) != len(images):
-            raise ValueError("give one mask per inpaint image")
-        self.keep_images = torch.stack([to_tensor(fit_square(img, size, pad)) for img in images])
-        regenerate = [fit_mask(_as_array(m), size, pad) for m in masks]
-        self.keep_masks = torch.from_numpy(~np.stack(regenerate))  # dalle2-pytorch's convention: True = keep
-
-    def _chunks(self) -> list[list[int]]:
-        return [self.jobs[start : start + self.batch_size] for start in range(0, len(self.jobs), self.batch_size)]
-
-    def __len__(self) -> int:
-        return -(-len(self.jobs) // self.batch_size)
-
-    def __iter__(self) -> Iterator[_Batch]:
-        for number, chunk in enumerate(self._chunks()):
-            start = number * self.batch_size
-            batch = _Batch(chunk, self.seeds[start : start + len(chunk)], self.embeds[chunk], self.encodings[number])
-            if self.keep_images is not None:
-                batch.keep_images, batch.keep_masks = self.keep_images[chunk], self.keep_masks[chunk]
-            yield batch
-
-
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(device)
-
-
-def _shortened(text: str, words: int = 12) -> str:
-    """The first `words` words of `text` (at most 100 characters), for a one-line message."""
-    split = text.split()
-    short = " ".join(split[:words])[:100]
-    return short if len(split) <= words and len(text) <= 100 else f"{short} ... ({len(split)} words)"
-
-
-def _ends(text: str, words: int = 5) -> str:
-    """`text`, or its first and last words when it is long: "a b c ... x y (40 words)"."""
-    split = text.split()
-    if len(split) <= 2 * words and len(text) <= 100:
-        return text
-    return f"{' '.join(split[:words])[:60]} ... {' '.join(split[-words:])[-60:]} ({len(split)} words)"
-
-
-def _as_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    if isinstance(mask, torch.Tensor):
-        mask = mask.detach().cpu().numpy()
-    return np.asarray(mask, dtype=bool)
-
-
-def _stack(tensors: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
-    if isinstance(tensors, torch.Tensor):
-        return tensors if tensors.ndim >= 2 else tensors.unsqueeze(0)
-    return torch.stack(list(tensors))

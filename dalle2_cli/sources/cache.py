@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle2_cli.config import MAX_NAME_BYTES, File
-from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.errors import Dalle2Error, InputError, literal
 from dalle2_cli.io.atomic import remove_leftovers
 from dalle2_cli.io.textfiles import read_text
 from dalle2_cli.messages import Log, stderr
@@ -150,8 +150,9 @@ def cached_download(
 def _offline_cached(file: File, target: Path, config_name: str | None) -> Path:
     if not target.exists():
         raise Dalle2Error(
-            f"{file.path} is not cached (expected at {target}) and offline mode is on "
-            f"(--offline or HF_HUB_OFFLINE): {fetch_hint(config_name)}"
+            template=literal(f"{file.path} is not cached (expected at {target}) and offline mode is on ")
+            + "({offline=True} or HF_HUB_OFFLINE): "
+            + literal(fetch_hint(config_name))
         )
     expected = file.sha256 or recorded_digest(target)
     actual = file_sha256(target)

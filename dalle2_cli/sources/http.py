@@ -22,7 +22,6 @@ import json
 import os
 import re
 import socket
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -36,6 +35,7 @@ from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.io.atomic import atomic_path
 from dalle2_cli.messages import Log, stderr
 from dalle2_cli.sources.digests import CHUNK, write_record
+from dalle2_cli.sources.progress import DownloadProgress
 
 PARTIAL_DIR = ".partial"
 
@@ -112,7 +112,7 @@ def fetch(
     resumed_earlier_run = best > 0
     left = policy.retries
     waits = 0
-    with _Progress(target.name, url, quiet, log) as progress:
+    with DownloadProgress(target.name, url, quiet, log) as progress:
         while True:
             try:
                 _attempt(url, partial, state, digest, progress, policy)
@@ -215,7 +215,12 @@ class _PartialDigest:
 
 
 def _attempt(
-    url: str, partial: Path, state: _ResumeState, digest: _PartialDigest, progress: _Progress, policy: DownloadPolicy
+    url: str,
+    partial: Path,
+    state: _ResumeState,
+    digest: _PartialDigest,
+    progress: DownloadProgress,
+    policy: DownloadPolicy,
 ) -> None:
     offset = partial.stat().st_size if partial.exists() else 0
     headers = {"User-Agent": f"dalle2-cli/{__version__}", "Accept-Encoding": "identity"}
@@ -336,63 +341,6 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
-
-
-class _Progress:
-    """A rich progress bar (size, speed, ETA) on stderr when it is a terminal; otherwise one
-    line when a download starts. Notes (retries) are printed either way."""
-
-    def __init__(self, name: str, url: str, quiet: bool, log: Log):
-        self.name, self.url, self.quiet, self.log = name, url, quiet, log
-        self.bar: Any = None
-        self.task: Any = None
-
-    def __enter__(self) -> _Progress:
-        if not self.quiet and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
-
-            self.bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=Console(stderr=True),
-            )
-            self.bar.start()
-        elif not self.quiet:
-            self.log(f"downloading {self.name} from {self.url}")
-        return self
-
-    def start(self, total: int | None, completed: int) -> None:
-        if self.bar is None:
-            return
-        if self.task is None:
-            self.task = self.bar.add_task(self.name, total=total, completed=completed)
-        else:
-            self.bar.update(self.task, total=total, completed=completed)
-
-    def advance(self, size: int) -> None:
-        if self.bar is not None:
-            self.bar.advance(self.task, size)
-
-    def note(self, message: str) -> None:
-        if self.bar is not None:
-            self.bar.console.print(message)
-        else:
-            self.log(message)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def read_url_text(url: str, limit: int) -> str:

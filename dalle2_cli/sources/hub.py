@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dalle2_cli import __version__
-from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.errors import Dalle2Error, InputError, literal
 from dalle2_cli.messages import Log, stderr
 from dalle2_cli.sources.digests import file_sha256
 
@@ -201,8 +201,9 @@ def _hub_error(hub: HubFile, error: Exception, offline: bool, config_name: str |
     if isinstance(error, errors.LocalEntryNotFoundError):
         if offline:
             return Dalle2Error(
-                f"{what} is not in the Hugging Face cache ({hub_cache_dir()}) and offline mode is on "
-                f"(--offline or HF_HUB_OFFLINE): {fetch_hint(config_name)}"
+                template=literal(f"{what} is not in the Hugging Face cache ({hub_cache_dir()}) and offline mode is on ")
+                + "({offline=True} or HF_HUB_OFFLINE): "
+                + literal(fetch_hint(config_name))
             )
         return Dalle2Error(
             f"cannot reach the Hugging Face hub for {what}, and it is not cached: check the network "

@@ -30,16 +30,14 @@ class BasicInference(InferenceScript):
             batch_size=prior_batch_size,
             num_samples_per_batch=prior_num_samples_per_batch,
         )
-        flat = [(i, embedding) for i in range(len(texts)) for embedding in embeddings[i]]
-        self.print(f"Grouped {len(texts)} texts into {len(flat)} embeddings; sampling the decoder...")
-        images = self._sample_decoder(
-            text=[texts[i] for i, _ in flat],
-            image_embed=[embedding for _, embedding in flat],
+        decoded = self._decode_embeddings(
+            texts,
+            embeddings,
             cond_scale=decoder_cond_scale,
             sample_count=decoder_sample_count,
             batch_size=decoder_batch_size,
         )
         result: dict[str, dict[int, list[Image.Image]]] = {}
-        for number, (i, _) in enumerate(flat):
-            result.setdefault(texts[i], {})[number] = images[number]
+        for number, (i, images) in enumerate(decoded):
+            result.setdefault(texts[i], {})[number] = images
         return result

@@ -30,17 +30,10 @@ class BasicInpainting(InferenceScript):
         embeddings = self._sample_prior(
             texts, cond_scale=prior_cond_scale, sample_count=sample_count, batch_size=prior_batch_size
         )
-        flat = [(i, embedding) for i in range(len(images)) for embedding in embeddings[i]]
-        self.print(f"Grouped {len(texts)} texts into {len(flat)} embeddings; sampling the decoder...")
-        filled = self._sample_decoder(
-            text=[texts[i] for i, _ in flat],
-            image_embed=[embedding for _, embedding in flat],
-            cond_scale=decoder_cond_scale,
-            inpaint_images=[images[i] for i, _ in flat],
-            inpaint_image_masks=[masks[i] for i, _ in flat],
-            batch_size=decoder_batch_size,
+        decoded = self._decode_embeddings(
+            texts, embeddings, (images, masks), cond_scale=decoder_cond_scale, batch_size=decoder_batch_size
         )
         result: dict[int, list[Image.Image]] = {i: [] for i in range(len(images))}
-        for number, (i, _) in enumerate(flat):
-            result[i].extend(filled[number])
+        for i, filled in decoded:
+            result[i].extend(filled)
         return result

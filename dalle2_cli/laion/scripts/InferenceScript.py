@@ -21,6 +21,18 @@ from dalle2_cli.loading.clip import tokenize
 from dalle2_cli.sampling.script import InferenceScript as _Script
 
 ScriptType = TypeVar("ScriptType", bound="InferenceScript")
+PRIOR_ARGUMENTS = ("cond_scale", "sample_count", "batch_size", "num_samples_per_batch")
+DECODER_ARGUMENTS = (
+    "images",
+    "image_embed",
+    "text",
+    "text_encoding",
+    "inpaint_images",
+    "inpaint_image_masks",
+    "cond_scale",
+    "sample_count",
+    "batch_size",
+)
 
 
 class InferenceScript(_Script):
@@ -53,54 +65,57 @@ class InferenceScript(_Script):
         return [start + k for k in range(count)]
 
     def _sample_prior(
-        self,
-        text_or_tokens: Sequence[str] | torch.Tensor,
-        cond_scale: float | None = None,
-        sample_count: int = 1,
-        batch_size: int = 100,
-        num_samples_per_batch: int = 2,
-        **more: Any,
+        self, text_or_tokens: Sequence[str] | str | torch.Tensor, *args: Any, **options: Any
     ) -> dict[int, list[torch.Tensor]]:
+        """As dalle2-laion's, with its arguments in its order (`PRIOR_ARGUMENTS`); a lone text
+        is one prompt."""
+        options.update(zip(PRIOR_ARGUMENTS, args, strict=False))
         if isinstance(text_or_tokens, str):
             text_or_tokens = [text_or_tokens]
         inputs = text_or_tokens.shape[0] if isinstance(text_or_tokens, torch.Tensor) else len(text_or_tokens)
-        more.setdefault("seeds", self._fresh_seeds(inputs * sample_count))
-        self.print(f"Sampling prior with cond_scale: {cond_scale if cond_scale is not None else 'the default'}")
-        return super()._sample_prior(
-            text_or_tokens,
-            cond_scale=cond_scale,
-            sample_count=sample_count,
-            batch_size=batch_size,
-            num_samples_per_batch=num_samples_per_batch,
-            **more,
-        )
+        options.setdefault("seeds", self._fresh_seeds(inputs * options.get("sample_count", 1)))
+        scale = options.get("cond_scale")
+        self.print(f"Sampling prior with cond_scale: {scale if scale is not None else 'the default'}")
+        return super()._sample_prior(text_or_tokens, **options)
 
-    def _sample_decoder(
-        self,
-        images: Sequence[Image.Image] | None = None,
-        image_embed: Sequence[torch.Tensor] | torch.Tensor | None = None,
-        text: Sequence[str] | str | None = None,
-        text_encoding: Sequence[torch.Tensor] | torch.Tensor | None = None,
-        inpaint_images: Sequence[Image.Image] | None = None,
-        inpaint_image_masks: Sequence[np.ndarray | torch.Tensor] | None = None,
-        **options: Any,
-    ) -> dict[int, list[Image.Image]]:
-        """As dalle2-laion's: `inpaint_image_masks` are True where the image is KEPT, and one
-        inpaint image may serve every embedding."""
-        inputs = len(images) if images is not None else _count(image_embed)
+    def _sample_decoder(self, *args: Any, **options: Any) -> dict[int, list[Image.Image]]:
+        """As dalle2-laion's, with its arguments in its order (`DECODER_ARGUMENTS`):
+        `inpaint_image_masks` are True where the image is KEPT, and one inpaint image may
+        serve every embedding."""
+        options.update(zip(DECODER_ARGUMENTS, args, strict=False))
+        images, inpaint_images = options.get("images"), options.get("inpaint_images")
+        inpaint_image_masks = options.get("inpaint_image_masks")
+        inputs = len(images) if images is not None else _count(options.get("image_embed"))
         if inpaint_images is not None:
             if inpaint_image_masks is None or len(inpaint_image_masks) != len(inpaint_images):
                 raise ValueError("give one mask per inpaint image")
             regenerate = [~_as_bool_array(mask) for mask in inpaint_image_masks]
             if len(inpaint_images) == 1 and inputs > 1:
                 inpaint_images, regenerate = list(inpaint_images) * inputs, regenerate * inputs
-            inpaint_image_masks = regenerate
+            options.update(inpaint_images=inpaint_images, inpaint_image_masks=regenerate)
         options.setdefault("seeds", self._fresh_seeds(inputs * options.get("sample_count", 1)))
         scale = options.get("cond_scale")
         self.print(f"Sampling decoder with cond_scale: {scale if scale is not None else 'the defaults'}")
-        return super()._sample_decoder(
-            images, image_embed, text, text_encoding, inpaint_images, inpaint_image_masks, **options
+        return super()._sample_decoder(**options)
+
+    def _decode_embeddings(
+        self,
+        texts: list[str],
+        embeddings: dict[int, list[torch.Tensor]],
+        inpaint: tuple[list[Image.Image], list[Any]] | None = None,
+        **options: Any,
+    ) -> list[tuple[int, list[Image.Image]]]:
+        """Every embedding of each text through the decoder, with its text (and its text's
+        inpaint image and mask): [(text number, images)], embedding by embedding."""
+        flat = [(i, embedding) for i in range(len(texts)) for embedding in embeddings[i]]
+        self.print(f"Grouped {len(texts)} texts into {len(flat)} embeddings; sampling the decoder...")
+        if inpaint is not None:
+            options["inpaint_images"] = [inpaint[0][i] for i, _ in flat]
+            options["inpaint_image_masks"] = [inpaint[1][i] for i, _ in flat]
+        images = self._sample_decoder(
+            text=[texts[i] for i, _ in flat], image_embed=[embedding for _, embedding in flat], **options
         )
+        return [(i, images[number]) for number, (i, _) in enumerate(flat)]
 
     # -- dalle2-laion's helpers --------------------------------------------------------------
 
