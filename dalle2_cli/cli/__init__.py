@@ -7,6 +7,7 @@ from dalle2_cli.cli import generate  # noqa: F401
 from dalle2_cli.cli import frames  # noqa: F401
 from dalle2_cli.cli import checkpoints  # noqa: F401
 from dalle2_cli.cli import cache  # noqa: F401
+from dalle2_cli.cli import serve  # noqa: F401
 from dalle2_cli.cli.app import app
 
 # isort: on

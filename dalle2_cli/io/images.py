@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -63,12 +63,19 @@ def _read(path: Path, what: str) -> Image.Image:
         raise InputError(f"{what} {path} is a directory, not an image file")
     if not path.is_file():  # a pipe or a device could be read from forever
         raise InputError(f"{what} {path} is not a regular file")
+    return read_image(path, what)
+
+
+def read_image(source: Path | BinaryIO, what: str = "image", name: str | Path | None = None) -> Image.Image:
+    """The image in a file or an open binary stream (an upload), upright, its mode as stored
+    (transparency kept), or a one-line InputError naming it as `name` (default: the path)."""
+    path = name if name is not None else source if isinstance(source, Path) else "(upload)"
     try:
         # Pillow warns between its limit and twice it, and raises above: its warning gives way
         # to our own check (the same limit, and a message with the size); its error stays.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 # The size comes from the header: refuse before decoding a byte of pixels.
                 if image.width * image.height > MAX_PIXELS:
                     raise _too_large(path, what, image.size)
@@ -146,7 +153,13 @@ def open_mask(path: str | Path, size: tuple[int, int], *, grow: int = 0, pad: bo
     path = Path(path)
     if grow < 0:
         raise SettingError("mask_grow", f"must be 0 or more pixels, got {grow}")
-    mask = _read(path, "mask")
+    return mask_array(_read(path, "mask"), size, path, grow=grow, pad=pad)
+
+
+def mask_array(
+    mask: Image.Image, size: tuple[int, int], path: str | Path = "mask", *, grow: int = 0, pad: bool = False
+) -> np.ndarray:
+    """`open_mask`'s array from an image already read (`path` names it in messages)."""
     if mask.size != size:
         # Sizes swapped: most likely one of the two carries an EXIF rotation the other lacks.
         rotated = " (rotated? both are used upright, as their EXIF orientation says)" if mask.size == size[::-1] else ""

@@ -131,8 +131,10 @@ class ImageWriter:
     under its own new name (a run beside it writing the same names never replaces one; with
     `overwrite`, files of the same name are replaced)."""
 
-    def __init__(self, directory: Path, template: str = DEFAULT_NAME, overwrite: bool = False):
-        self.directory, self.template, self.overwrite = directory, template, overwrite
+    def __init__(self, directory: Path, template: str = DEFAULT_NAME, overwrite: bool = False, remember: bool = True):
+        """`remember`: keep each record and image for the run's grid and report (a server,
+        which writes for ever, does not)."""
+        self.directory, self.template, self.overwrite, self.remember = directory, template, overwrite, remember
         self.records: list[dict[str, Any]] = []
         self.images: list[Any] = []  # the GeneratedImage of each record
         self._next: dict[str, int] = {}  # where each stem's numbering got to
@@ -156,8 +158,9 @@ class ImageWriter:
         path, number = write_new(self.directory, stem, ".png", item.save, self.overwrite, first)
         self._next[stem] = number + 1
         record = image_record(item, path)
-        self.records.append(record)
-        self.images.append(item)
+        if self.remember:
+            self.records.append(record)
+            self.images.append(item)
         return record
 
 

@@ -1,0 +1,130 @@
+"""`dalle2 serve`: the models loaded once, behind OpenAI's Images API and a web page."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from dalle2_cli.cli.app import app
+from dalle2_cli.cli.groups import command
+from dalle2_cli.cli.guard import Terminated
+from dalle2_cli.cli.options import MODEL, ModelChoice
+from dalle2_cli.cli.report import Report, report
+from dalle2_cli.errors import Dalle2Error, InputError
+
+API_KEY_ENV = "DALLE2_API_KEY"
+
+
+def _needs_serve_extra() -> None:
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn", "multipart", "gradio") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise InputError(
+            f"dalle2 serve needs {', '.join(missing)}: pip install 'dalle2-cli[serve]' (fastapi, uvicorn, "
+            "python-multipart, gradio)"
+        )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is our one-line error."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        raise InputError(f"cannot listen on {host}:{port} ({error.strerror or error}): give another --port") from None
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+@command(app, MODEL, report("what the server did, when it stops", quiet=True))
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free one).")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", help=f"Require this key (env {API_KEY_ENV}): API calls as a bearer token."),
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Most images sampled together.")] = 8,
+    batch_window_ms: Annotated[
+        float, typer.Option("--batch-window-ms", help="How long a request waits for others to share its batch.")
+    ] = 50.0,
+    queue_size: Annotated[
+        int, typer.Option("--queue-size", help="Requests that may wait; more are answered 429.")
+    ] = 64,
+    output_dir: Annotated[
+        Path, typer.Option("--output-dir", "-o", help="Where images are written (and served from).")
+    ] = Path("served"),
+    page: Annotated[bool, typer.Option("--page/--no-page", help="Serve the web page at /.")] = True,
+    *,
+    model: ModelChoice,
+    report: Report,
+) -> None:
+    """Serve the models: OpenAI's Images API at /v1 and a web page at /."""
+    _needs_serve_extra()
+    import uvicorn
+
+    from dalle2_cli.cli.generate import apply_threads
+    from dalle2_cli.config import load_config
+    from dalle2_cli.serve.api import create_app
+    from dalle2_cli.serve.service import ImageService
+
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    # What the API calls the model: the config's name, or its file's name without ".json".
+    name = Path(model.config).stem if model.config.endswith(".json") else model.config
+    config = load_config(model.config)  # a bad config stops here, before anything listens
+    apply_threads(model)
+
+    def load():
+        from dalle2_cli.loading.manager import DalleModelManager
+
+        return DalleModelManager(
+            config, name=model.config, log=report.info, warn=report.warning, **model.manager_options()
+        )
+
+    service = ImageService(load, output_dir, max_batch, batch_window_ms / 1000, queue_size, name=name, log=report.info)
+    api = create_app(service, key, log=report.info)
+    if page:
+        from dalle2_cli.serve.web import mount_page
+
+        api = mount_page(api, service, key)
+    listener = _listen(host, port)
+    bound = listener.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, lifespan="on"))
+
+    def start() -> None:
+        try:
+            service.start()
+        except Dalle2Error as error:
+            service.failure = str(error)
+        except Exception as error:  # noqa: BLE001 - reported as one line; the server stops
+            service.failure = f"{type(error).__name__}: {error}"
+        if service.failure:
+            server.should_exit = True
+
+    shown = f"[{host}]" if ":" in host else host
+    report.info(f"dalle2 serve: http://{shown}:{bound} (API at /v1{', page at /' if page else ''}); loading models")
+    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        report.warning(f"listening on {host} without --api-key: anyone who can reach it may use it")
+    threading.Thread(target=start, name="dalle2-load", daemon=True).start()
+    try:
+        server.run(sockets=[listener])
+    except (KeyboardInterrupt, Terminated):
+        pass  # Ctrl-C and SIGTERM are how a server is stopped: uvicorn has finished the requests
+    finally:
+        service.stop()
+        listener.close()
+    if service.failure:
+        raise InputError(f"the models did not load: {service.failure}")
+    batcher = service.batcher
+    report.info(f"dalle2 serve: stopped after {batcher.jobs_done} requests in {batcher.batches} batches")
+    if report.json:
+        report.print_json({"url": f"http://{shown}:{bound}", "requests": batcher.jobs_done, "batches": batcher.batches})

@@ -1,0 +1,226 @@
+"""The models behind `dalle2 serve`, kept loaded: requests in, saved images out.
+
+    service = ImageService(lambda: DalleModelManager(load_config("shapes"), name="shapes"), Path("served"))
+    service.start()                                  # loads the models, then starts the batcher
+    made = service.make(ImageRequest("text2im", prompt="a red circle", n=2, seed=7))
+    made[0].path                                     # the PNG, with the metadata the CLI writes
+
+The web API and the web page both go through `submit`, so they share one batcher: text to
+image requests with equal sampling settings run together (dalle2_cli.serve.batcher).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.messages import Log, stderr
+from dalle2_cli.sampling.settings import SamplingSettings, check_seed, check_whole
+from dalle2_cli.serve.batcher import Batcher, Job
+
+KINDS = ("text2im", "variation", "inpaint")
+MAX_PER_REQUEST = 10  # images per request, as OpenAI's Images API allows
+MAX_PROMPT = 1000  # characters, as OpenAI's dall-e-2
+SIZES = (16, 2048)  # the square sizes a request may ask for (the output is resized)
+# What a request may set of how to sample: SamplingSettings' own fields, checked by it.
+SAMPLING_FIELDS = ("sampler", "prior_steps", "decoder_steps", "prior_cond_scale", "decoder_cond_scale")
+
+
+def parse_size(size: str | None) -> int | None:
+    """ "256x256" -> 256; None stays None (the model's own size)."""
+    if size is None or size == "auto":
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", str(size))
+    if not match:
+        raise SettingError("size", f"must be WIDTHxHEIGHT such as 256x256, got {size!r}")
+    width, height = int(match[1]), int(match[2])
+    if width != height:
+        raise SettingError("size", f"must be square (the models make square images), got {size}")
+    if not SIZES[0] <= width <= SIZES[1]:
+        raise SettingError("size", f"must be from {SIZES[0]}x{SIZES[0]} to {SIZES[1]}x{SIZES[1]}, got {size}")
+    return width
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One request: what to make, checked when made (a bad field raises a SettingError naming it)."""
+
+    kind: str  # text2im, variation or inpaint
+    prompt: str | None = None
+    n: int = 1
+    size: int | None = None  # None: the model's own size; else the images are resized to it
+    seed: int | None = None  # None: a random one (image k gets seed + k, as the CLI's --seed)
+    image: Image.Image | None = None  # variation and inpaint
+    mask: Any = None  # inpaint: a boolean array of the image's size, True where to regenerate
+    source: str | None = None  # the uploaded image's file name, for the metadata
+    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)  # SAMPLING_FIELDS
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, not {self.kind!r}")
+        check_whole("n", self.n, 1, MAX_PER_REQUEST)
+        if self.seed is not None:
+            check_seed(self.seed)
+        if self.prompt is not None:
+            if not self.prompt.strip():
+                raise SettingError("prompt", "is empty: describe the image to make")
+            if len(self.prompt) > MAX_PROMPT:
+                raise SettingError("prompt", f"is {len(self.prompt):,} characters, more than {MAX_PROMPT:,}")
+        elif self.kind == "text2im":
+            raise SettingError("prompt", "is missing: describe the image to make")
+        if self.kind != "text2im" and self.image is None:
+            raise SettingError("image", "is missing: upload the image")
+        if self.kind == "inpaint" and self.mask is None:
+            raise SettingError("mask", "is missing: upload a mask, or an image with transparent pixels to edit")
+        unknown = set(self.sampling) - set(SAMPLING_FIELDS)
+        if unknown:
+            raise ValueError(f"not sampling settings: {sorted(unknown)}")
+        self.settings(1)  # checks the sampling fields
+
+    def settings(self, batch_size: int) -> SamplingSettings:
+        given = {name: value for name, value in self.sampling.items() if value is not None}
+        return SamplingSettings(**given, batch_size=batch_size, seed=self.seed)
+
+    def batch_key(self) -> Any:
+        """Requests with equal keys may share a batch: text to image with equal settings. The
+        others carry their own image, so each runs alone (its n images are its batch)."""
+        if self.kind != "text2im":
+            return object()
+        return tuple((name, _hashable(self.sampling.get(name))) for name in SAMPLING_FIELDS)
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+@dataclass
+class Made:
+    """One image made for a request, saved as `path` (a PNG with its metadata)."""
+
+    item: Any  # dalle2_cli.sampling.generated.GeneratedImage
+    path: Path
+
+    @property
+    def seed(self) -> int:
+        return self.item.seed
+
+
+class ImageService:
+    """Loaded models, one batcher in front of them, and the directory the images go to."""
+
+    def __init__(
+        self,
+        load: Callable[[], Any],
+        directory: Path,
+        max_batch: int = 8,
+        window_s: float = 0.05,
+        queue_size: int = 64,
+        name: str = "model",
+        log: Log = stderr,
+    ):
+        """`load` makes the DalleModelManager (called by `start`, once); `name` is what the
+        API calls the model (the config's name)."""
+        check_whole("max_batch", max_batch, 1, 256)
+        check_whole("queue_size", queue_size, 1)
+        if window_s < 0:
+            raise SettingError("batch_window_ms", f"must not be negative, got {window_s * 1000:g}")
+        self._load, self.directory, self.name, self.log = load, Path(directory), name, log
+        self.batcher = Batcher(self._run, max_batch, window_s, queue_size)
+        self.manager: Any = None
+        self.failure: str | None = None  # why loading failed
+        self._ready = threading.Event()
+        self._writer: Any = None
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def size(self) -> int:
+        """The side of the images the models make."""
+        return self.manager.decoder.image_sizes[-1]
+
+    def start(self) -> None:
+        """Load every model (a request never waits for loading), then take requests."""
+        from dalle2_cli.io.output import ImageWriter
+
+        started = time.perf_counter()
+        manager = self._load()
+        for part in ("clip", "prior", "decoder"):
+            if getattr(manager.config, part) is not None:
+                getattr(manager, part)
+        self.manager = manager
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._writer = ImageWriter(self.directory, remember=False)
+        self.batcher.start()
+        self._ready.set()
+        self.log(f"models loaded in {time.perf_counter() - started:.1f} s: serving {self.name}")
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    def submit(self, request: ImageRequest) -> Future:
+        """Queue a request; the future's result is its list of Made. Raises QueueFull."""
+        if not self.ready:
+            raise InputError("the models are still loading: try again shortly")
+        if request.kind == "text2im" and self.manager.config.prior is None:
+            raise InputError(f"{self.name} has no prior, which text to image needs")
+        if request.seed is None:
+            request = dataclasses.replace(request, seed=random.randrange(2**31))
+        return self.batcher.submit(request.batch_key(), request.n, request)
+
+    def make(self, request: ImageRequest, timeout_s: float | None = None) -> list[Made]:
+        return self.submit(request).result(timeout_s)
+
+    # -- on the batcher's thread ---------------------------------------------------------------
+
+    def _run(self, jobs: Sequence[Job]) -> list[list[Made]]:
+        requests: list[ImageRequest] = [job.payload for job in jobs]
+        first = requests[0]
+        if first.kind == "text2im":
+            made = self._text_to_image(requests)
+        else:
+            made = [self._from_image(first)]
+        return [[self._save(item, request) for item in items] for request, items in zip(requests, made, strict=True)]
+
+    def _text_to_image(self, requests: Sequence[ImageRequest]) -> list[list[Any]]:
+        from dalle2_cli.io.prompts import Prompt
+        from dalle2_cli.sampling.pipelines import TextToImage
+
+        script = TextToImage(self.manager, requests[0].settings(self.batcher.max_images))
+        prompts = [Prompt(r.prompt, num_images=r.n, seed=r.seed) for r in requests]
+        images = script.run(prompts)
+        split, start = [], 0
+        for request in requests:
+            split.append(images[start : start + request.n])
+            start += request.n
+        return split
+
+    def _from_image(self, request: ImageRequest) -> list[Any]:
+        from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting
+
+        settings = request.settings(self.batcher.max_images)
+        if request.kind == "variation":
+            script = ImageVariation(self.manager, settings)
+            return script.run([request.image], request.n, sources=[request.source] if request.source else None)
+        script = Inpainting(self.manager, settings)
+        return script.run(request.image, request.mask, request.prompt, request.n, source=request.source)
+
+    def _save(self, item: Any, request: ImageRequest) -> Made:
+        if request.size is not None and request.size != item.image.width:
+            resized = item.image.resize((request.size, request.size), Image.Resampling.LANCZOS)
+            settings = {**item.settings, "resized_to": request.size, "made_at": item.image.width}
+            item = dataclasses.replace(item, image=resized, settings=settings)
+        record = self._writer.write(item)
+        return Made(item, Path(record["path"]))
