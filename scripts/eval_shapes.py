@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--prior-cond-scale", type=float)
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     parser.add_argument("--resample", type=int, help="inpainting: RePaint's rounds per step")
+    parser.add_argument("--image-mix", type=float, help="inpainting: the prompt's embedding turned toward the image's")
     parser.add_argument("--sweep", nargs="+", metavar="SAMPLER:STEPS", help="e.g. ddim:15,6 dpm++2m:7,3")
     parser.add_argument("--only", choices=["text2im", "variation", "inpaint"])
     parser.add_argument("--grid", help="also save a grid of text2im samples to this PNG")
@@ -230,6 +231,7 @@ def main() -> None:
         prior_cond_scale=args.prior_cond_scale,
         sampler=args.sampler,
         **({"inpaint_resample_times": args.resample} if args.resample else {}),
+        **({"inpaint_image_mix": args.image_mix} if args.image_mix else {}),
     )
     if args.sweep:
         sweep(manager, settings, args)

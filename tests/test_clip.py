@@ -136,3 +136,23 @@ def test_open_clip_weights_that_do_not_fit_the_architecture(tmp_path):
         build_clip(ClipConfig(make="open_clip", architecture=small, load_model_from=file), resolve_file)
     with pytest.raises(InputError, match="not an open_clip model config"):
         build_clip(ClipConfig(make="open_clip", architecture={"layers": 3}, load_model_from=file), resolve_file)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_openai_layout_clip_embeds_in_half_precision(tmp_path, dtype):
+    """open_clip builds OpenAI-layout models with LayerNormFp32, which computes in float32: its
+    weights must stay float32 when the rest is cast (else 'mixed dtype' at the first norm)."""
+    from dalle2_cli.config import ModelLoadConfig
+    from dalle2_cli.loading.manager import DalleModelManager
+
+    path = tmp_path / "openai.pth"
+    torch.save(_openai_state_dict(), path)
+    clip = {"make": "openai", "model": "ViT-L/14", "load_model_from": {"load_type": "local", "path": str(path)}}
+    full = DalleModelManager(ModelLoadConfig.from_dict({"clip": clip}), log=lambda _: None).clip
+    half = DalleModelManager(ModelLoadConfig.from_dict({"clip": clip}), dtype=dtype, log=lambda _: None).clip
+    assert half.clip.token_embedding.weight.dtype == dtype
+    with torch.autocast("cpu", dtype=dtype):
+        embeds = _embed(half)
+    for low, exact in zip(embeds, _embed(full), strict=True):
+        similarity = torch.nn.functional.cosine_similarity(low.float().flatten(1), exact.flatten(1))
+        assert torch.isfinite(low).all() and similarity.min() > 0.99

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from dalle2_cli.cli.app import app
 from dalle2_cli.cli.groups import command
-from dalle2_cli.cli.guard import Terminated
+from dalle2_cli.cli.guard import Terminated, say
 from dalle2_cli.cli.options import MODEL, ModelChoice
 from dalle2_cli.cli.report import Report, report
 from dalle2_cli.errors import Dalle2Error, InputError
@@ -45,6 +46,7 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Longer than 60 lines only by its options' declarations (typer reads them from the signature).
 @command(app, MODEL, report("what the server did, when it stops", quiet=True))
 def serve(
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0: every network).")] = "127.0.0.1",
@@ -83,13 +85,7 @@ def serve(
     config = load_config(model.config)  # a bad config stops here, before anything listens
     apply_threads(model)
 
-    def load():
-        from dalle2_cli.loading.manager import DalleModelManager
-
-        return DalleModelManager(
-            config, name=model.config, log=report.info, warn=report.warning, **model.manager_options()
-        )
-
+    load = functools.partial(_load_models, config, model, report)
     service = ImageService(load, output_dir, max_batch, batch_window_ms / 1000, queue_size, name=name, log=report.info)
     api = create_app(service, key, log=report.info)
     if page:
@@ -100,21 +96,12 @@ def serve(
     bound = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, lifespan="on"))
 
-    def start() -> None:
-        try:
-            service.start()
-        except Dalle2Error as error:
-            service.failure = str(error)
-        except Exception as error:  # noqa: BLE001 - reported as one line; the server stops
-            service.failure = f"{type(error).__name__}: {error}"
-        if service.failure:
-            server.should_exit = True
-
     shown = f"[{host}]" if ":" in host else host
-    report.info(f"dalle2 serve: http://{shown}:{bound} (API at /v1{', page at /' if page else ''}); loading models")
+    # Always said, --quiet or not: where to reach it (with --port 0, the only way to know).
+    say(f"dalle2 serve: http://{shown}:{bound} (API at /v1{', page at /' if page else ''}); loading models")
     if key is None and host not in ("127.0.0.1", "localhost", "::1"):
         report.warning(f"listening on {host} without --api-key: anyone who can reach it may use it")
-    threading.Thread(target=start, name="dalle2-load", daemon=True).start()
+    threading.Thread(target=_start, args=(service, server), name="dalle2-load", daemon=True).start()
     try:
         server.run(sockets=[listener])
     except (KeyboardInterrupt, Terminated):
@@ -128,3 +115,22 @@ def serve(
     report.info(f"dalle2 serve: stopped after {batcher.jobs_done} requests in {batcher.batches} batches")
     if report.json:
         report.print_json({"url": f"http://{shown}:{bound}", "requests": batcher.jobs_done, "batches": batcher.batches})
+
+
+def _load_models(config: Any, model: ModelChoice, report: Report) -> Any:
+    from dalle2_cli.loading.manager import DalleModelManager
+
+    return DalleModelManager(config, name=model.config, log=report.info, warn=report.warning, **model.manager_options())
+
+
+def _start(service: Any, server: Any) -> None:
+    """Load the models while the server already answers /health (503 until they are loaded);
+    a failure stops the server, and `serve` reports it."""
+    try:
+        service.start()
+    except Dalle2Error as error:
+        service.failure = str(error)
+    except Exception as error:  # noqa: BLE001 - reported as one line; the server stops
+        service.failure = f"{type(error).__name__}: {error}"
+    if service.failure:
+        server.should_exit = True

@@ -170,18 +170,19 @@ def image_record(item: Any, path: Path) -> dict[str, Any]:
     return {"path": str(path), **own, "width": item.image.width, "height": item.image.height, "settings": item.settings}
 
 
-def run_metadata(command: str, config_name: str, config_path: Any, model_files: dict[str, Path]) -> dict[str, Any]:
+def run_metadata(
+    command: str, config_name: str, config_path: Any, model_files: dict[str, Path], digests: dict[str, str]
+) -> dict[str, Any]:
     """What every image of a run records besides its own settings: the command, the config,
-    the model files and their sha256, the tool's version."""
+    the model files and their sha256 (`digests`, by role), the tool's version."""
     from dalle2_cli import __version__
-    from dalle2_cli.sources.digests import model_file_sha256
 
-    return {  # the digests of the bytes as they are now, hashed this run (not a record of earlier)
+    return {
         "command": command,
         "config": config_name,
         "config_path": str(config_path),
         "model_files": {role: str(path) for role, path in model_files.items()},
-        "model_sha256": {role: model_file_sha256(path) for role, path in model_files.items()},
+        "model_sha256": {role: digests[role] for role in model_files},
         "tool": f"dalle2-cli {__version__}",
     }
 

@@ -29,6 +29,16 @@ from dalle2_cli.sources.resolve import is_offline, resolve_file
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def _computes_in_fp32() -> tuple[type, ...]:
+    """Layers that compute in float32 whatever their input: open_clip's LayerNormFp32, which
+    its OpenAI-layout models (and others built with a half cast_dtype) use for every norm."""
+    try:
+        from open_clip.transformer import LayerNormFp32
+    except ImportError:
+        return ()
+    return (LayerNormFp32,)
+
+
 class DalleModelManager:
     """Holds the models of one config. Nothing is loaded until a script asks for it, so a
     variation, which needs no prior, never reads the prior's file."""
@@ -74,6 +84,7 @@ class DalleModelManager:
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.warn = warn or (lambda message: self.log(f"warning: {message}"))
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
+        self._digests: dict[str, str] = {}  # role -> sha256, see sha256()
         self.versions: dict[str, str | None] = {}  # role -> dalle2-pytorch version that wrote the file
         self._clip: BaseClipAdapter | None = None
         self._prior: DiffusionPrior | None = None
@@ -81,6 +92,16 @@ class DalleModelManager:
         # Per unet: the noise level its low-resolution conditioning gets at sampling time, as
         # that unet's own file says (a stitched upsampler keeps its own, not unet 1's).
         self.lowres_noise_levels: list[float] = []
+
+    def sha256(self) -> dict[str, str]:
+        """The sha256 of each model file loaded so far, by role: the bytes as this manager read
+        them, hashed once each (a server's every batch records them without hashing again)."""
+        from dalle2_cli.sources.digests import model_file_sha256
+
+        for role, path in self.files.items():
+            if role not in self._digests:
+                self._digests[role] = model_file_sha256(path)
+        return {role: self._digests[role] for role in self.files}
 
     @property
     def map_location(self) -> str:
@@ -229,8 +250,11 @@ class DalleModelManager:
         schedules, masks) stay as they are, since sampling arithmetic needs their precision."""
         model = model.to("cpu" if self.offload else self.device).eval()
         if self.dtype != torch.float32:
-            for parameter in model.parameters():
-                parameter.data = parameter.data.to(self.dtype)
+            for module in model.modules():
+                if isinstance(module, _computes_in_fp32()):
+                    continue  # it casts its input to float32 itself, so its weights must be float32
+                for parameter in module.parameters(recurse=False):
+                    parameter.data = parameter.data.to(self.dtype)
         return model
 
     def _compiled(self, model: M) -> M:

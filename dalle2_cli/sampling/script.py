@@ -359,7 +359,9 @@ class InferenceScript:
             from dalle2_cli.io.output import run_metadata
 
             manager = self.models
-            self._provenance = run_metadata(self.command, manager.name, manager.config.source_path, manager.files)
+            self._provenance = run_metadata(
+                self.command, manager.name, manager.config.source_path, manager.files, manager.sha256()
+            )
         return self._provenance
 
     def _made(

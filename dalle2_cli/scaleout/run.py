@@ -230,13 +230,11 @@ class _Session:
         """A resumed run's settings must be the first run's (models loaded, defaults filled in)."""
         if plan is None:
             return None
-        from dalle2_cli.sources.digests import model_file_sha256
-
         manager = script.models
         current = {
             **script.plan(uses_prior=True),
             "dtype": str(manager.dtype).removeprefix("torch."),
-            "model_sha256": {role: model_file_sha256(path) for role, path in manager.files.items()},
+            "model_sha256": manager.sha256(),
         }
         error = None
         if plan.recorded is not None:

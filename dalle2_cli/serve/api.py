@@ -134,19 +134,109 @@ def create_app(service: ImageService, api_key: str | None = None, log: Any = Non
         return APIError(500, "the server failed to make the images; its log says why").response()
 
     app.add_middleware(_RequestLog, say=say)
+    api = _Images(service, api_key)
+    _image_routes(app, api)
+    _other_routes(app, api)
+    return app
 
-    def authorize(request: Request) -> None:
-        if api_key is None:
+
+class _Images:
+    """What the routes share: the service, the key, and the answer to a checked request."""
+
+    def __init__(self, service: ImageService, api_key: str | None):
+        self.service, self.api_key = service, api_key
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key is None:
             return
         given = request.headers.get("authorization", "")
         token = given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
+        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
             message = "missing API key: send it as 'Authorization: Bearer KEY'" if not token else "incorrect API key"
             raise APIError(401, message, code="invalid_api_key")
 
-    def signature(name: str) -> str:
+    def signature(self, name: str) -> str:
         """Image links carry a signature made with the key: a browser can open one, nobody can guess one."""
-        return hmac.new(api_key.encode(), name.encode(), hashlib.sha256).hexdigest()[:32] if api_key else ""
+        if not self.api_key:
+            return ""
+        return hmac.new(self.api_key.encode(), name.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.service.name and name not in MODEL_ALIASES:
+            message = f"the model '{name}' is not served here: {self.service.name} is"
+            raise APIError(404, message, "model", "model_not_found")
+
+    async def answer(self, request: Request, fields: Any, kind: str, **inputs: Any) -> Response:
+        self.check_model(fields.model)
+        try:
+            wanted = ImageRequest(
+                kind,
+                n=fields.n,
+                size=parse_size(fields.size),
+                seed=fields.seed,
+                sampling={name: getattr(fields, name, None) for name in SAMPLING_FIELDS},
+                **inputs,
+            )
+            future = self.service.submit(wanted)
+        except QueueFull as error:
+            retry = {"Retry-After": f"{error.retry_after_s:.0f}"}
+            raise APIError(429, str(error), code="queue_full", **retry) from None
+        except Dalle2Error as error:
+            field = getattr(error, "field", None)
+            param = PARAMS.get(field, field) if field else None
+            status = 503 if not self.service.ready else 400
+            raise APIError(status, error.naming(lambda name: PARAMS.get(name, name)), param) from None
+        made = await _wait(request, future)
+        if made is None:  # the client hung up: nobody to answer
+            return Response(status_code=499)
+        data = [self.entry(m, fields.response_format, request) for m in made]
+        return JSONResponse({"created": int(time.time()), "data": data})
+
+    def entry(self, made: Any, response_format: str, request: Request) -> dict:
+        if response_format == "b64_json":
+            return {"b64_json": base64.b64encode(made.path.read_bytes()).decode()}
+        name = made.path.name
+        link = f"{str(request.base_url).rstrip('/')}/images/{name}"
+        return {"url": f"{link}?sig={self.signature(name)}" if self.api_key else link}
+
+
+def _image_routes(app: FastAPI, api: _Images) -> None:
+    @app.post("/v1/images/generations")
+    async def generations(request: Request) -> Response:
+        api.authorize(request)
+        body = await _read_body(request)
+        try:
+            values = json.loads(body or b"null")
+        except ValueError:
+            raise APIError(400, "the body is not JSON: send the parameters as a JSON object") from None
+        if not isinstance(values, dict):
+            raise APIError(400, "the body must be a JSON object of parameters")
+        fields = _checked(GenerationBody, values)
+        return await api.answer(request, fields, "text2im", prompt=fields.prompt)
+
+    @app.post("/v1/images/variations")
+    async def variations(request: Request) -> Response:
+        api.authorize(request)
+        values, files = await _form(request)
+        fields = _checked(VariationBody, values)
+        picture, source = _image(files, "image")
+        return await api.answer(request, fields, "variation", image=_rgb(picture), source=source)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> Response:
+        api.authorize(request)
+        values, files = await _form(request)
+        fields = _checked(EditBody, values)
+        picture, source = _image(files, "image")
+        mask = _edit_mask(picture, files)
+        prompt = fields.prompt if fields.prompt and fields.prompt.strip() else None
+        return await api.answer(
+            request, fields, "inpaint", prompt=prompt, image=_rgb(picture), mask=mask, source=source
+        )
+
+
+def _other_routes(app: FastAPI, api: _Images) -> None:
+    service = api.service
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -158,46 +248,14 @@ def create_app(service: ImageService, api_key: str | None = None, log: Any = Non
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        authorize(request)
+        api.authorize(request)
         return {"object": "list", "data": [_model_card(service)]}
 
     @app.get("/v1/models/{name}")
     async def model(name: str, request: Request) -> dict:
-        authorize(request)
-        if name != service.name and name not in MODEL_ALIASES:
-            raise APIError(404, f"the model '{name}' is not served here: {service.name} is", "model", "model_not_found")
+        api.authorize(request)
+        api.check_model(name)
         return _model_card(service)
-
-    @app.post("/v1/images/generations")
-    async def generations(request: Request) -> Response:
-        authorize(request)
-        body = await _read_body(request)
-        try:
-            values = json.loads(body or b"null")
-        except ValueError:
-            raise APIError(400, "the body is not JSON: send the parameters as a JSON object") from None
-        if not isinstance(values, dict):
-            raise APIError(400, "the body must be a JSON object of parameters")
-        fields = _checked(GenerationBody, values)
-        return await _answer(request, fields, "text2im", prompt=fields.prompt)
-
-    @app.post("/v1/images/variations")
-    async def variations(request: Request) -> Response:
-        authorize(request)
-        values, files = await _form(request)
-        fields = _checked(VariationBody, values)
-        image = _image(files, "image")
-        return await _answer(request, fields, "variation", image=image[0], source=image[1])
-
-    @app.post("/v1/images/edits")
-    async def edits(request: Request) -> Response:
-        authorize(request)
-        values, files = await _form(request)
-        fields = _checked(EditBody, values)
-        picture, source = _image(files, "image")
-        mask = _edit_mask(picture, files)
-        prompt = fields.prompt if fields.prompt and fields.prompt.strip() else None
-        return await _answer(request, fields, "inpaint", prompt=prompt, image=picture, mask=mask, source=source)
 
     @app.get("/images/{name:path}")  # any path under /images is answered here, never by the page
     async def image_file(name: str, request: Request, sig: str = "") -> Response:
@@ -205,7 +263,7 @@ def create_app(service: ImageService, api_key: str | None = None, log: Any = Non
         # Only a plain file of the output directory itself: no sub-folders, no way out of it.
         if Path(name).name != name or not name.endswith(".png") or not path.is_file():
             raise APIError(404, f"no image '{name}' here", code="not_found")
-        if api_key and not hmac.compare_digest(sig, signature(name)):
+        if api.api_key and not hmac.compare_digest(sig, api.signature(name)):
             raise APIError(401, "this image link is not signed by this server", code="invalid_signature")
         return FileResponse(path, media_type="image/png")
 
@@ -213,41 +271,11 @@ def create_app(service: ImageService, api_key: str | None = None, log: Any = Non
     async def unknown(rest: str) -> Response:
         raise APIError(404, f"no such endpoint: /v1/{rest}", code="unknown_url")
 
-    async def _answer(request: Request, fields: Any, kind: str, **inputs: Any) -> Response:
-        if fields.model is not None and fields.model != service.name and fields.model not in MODEL_ALIASES:
-            raise APIError(404, f"the model '{fields.model}' is not served here: {service.name} is", "model")
-        try:
-            wanted = ImageRequest(
-                kind,
-                n=fields.n,
-                size=parse_size(fields.size),
-                seed=fields.seed,
-                sampling={name: getattr(fields, name, None) for name in SAMPLING_FIELDS},
-                **inputs,
-            )
-            future = service.submit(wanted)
-        except QueueFull as error:
-            raise APIError(
-                429, str(error), code="queue_full", **{"Retry-After": f"{error.retry_after_s:.0f}"}
-            ) from None
-        except Dalle2Error as error:
-            field = getattr(error, "field", None)
-            param = PARAMS.get(field, field) if field else None
-            status = 503 if not service.ready else 400
-            raise APIError(status, error.naming(lambda name: PARAMS.get(name, name)), param) from None
-        made = await _wait(request, future)
-        if made is None:  # the client hung up: nobody to answer
-            return Response(status_code=499)
-        return JSONResponse({"created": int(time.time()), "data": [_entry(m, fields, request) for m in made]})
 
-    def _entry(made: Any, fields: Any, request: Request) -> dict:
-        if fields.response_format == "b64_json":
-            return {"b64_json": base64.b64encode(made.path.read_bytes()).decode()}
-        name = made.path.name
-        link = f"{str(request.base_url).rstrip('/')}/images/{name}"
-        return {"url": f"{link}?sig={signature(name)}" if api_key else link}
+def _rgb(picture: Image.Image) -> Image.Image:
+    from dalle2_cli.io.images import flatten_to_rgb
 
-    return app
+    return flatten_to_rgb(picture)
 
 
 class _RequestLog:

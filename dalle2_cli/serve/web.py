@@ -3,6 +3,7 @@ inpainting), on the same batcher as the API. Built with gradio and mounted on th
 
 from __future__ import annotations
 
+import functools
 import hmac
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -38,20 +39,22 @@ def _caption(made: Any) -> str:
 
 
 def _sampling(sampler: str, prior_steps: Any, decoder_steps: Any, prior_scale: Any, decoder_scale: Any) -> dict:
-    def whole(value: Any) -> int | None:
-        return None if value in (None, "", 0) else int(value)
+    """The page's numbers, 0 (or blank) standing for the config's own value."""
+
+    def given(value: Any, kind: type) -> Any:
+        return None if value in (None, "") or float(value) == 0 else kind(value)
 
     return {
         "sampler": None if sampler == "default" else sampler,
-        "prior_steps": whole(prior_steps),
-        "decoder_steps": whole(decoder_steps),
-        "prior_cond_scale": None if prior_scale in (None, "") else float(prior_scale),
-        "decoder_cond_scale": None if decoder_scale in (None, "") else float(decoder_scale),
+        "prior_steps": given(prior_steps, int),
+        "decoder_steps": given(decoder_steps, int),
+        "prior_cond_scale": given(prior_scale, float),
+        "decoder_cond_scale": given(decoder_scale, float),
     }
 
 
 def _seed(value: Any) -> int | None:
-    return None if value in (None, "") else int(value)
+    return None if value in (None, "") or int(value) < 0 else int(value)
 
 
 def _checked(make: Any) -> Any:
@@ -67,14 +70,14 @@ def build_page(service: ImageService) -> gr.Blocks:
         with gr.Accordion("Sampling", open=False):
             with gr.Row():
                 sampler = gr.Dropdown(["default", *SAMPLERS], value="default", label="Sampler")
-                prior_steps = gr.Number(None, precision=0, label="Prior steps (blank: the config's)")
-                decoder_steps = gr.Number(None, precision=0, label="Decoder steps (blank: the config's)")
-                prior_scale = gr.Number(None, label="Prior guidance (blank: the config's)")
-                decoder_scale = gr.Number(None, label="Decoder guidance (blank: the config's)")
+                prior_steps = gr.Number(0, precision=0, label="Prior steps (0: the config's)")
+                decoder_steps = gr.Number(0, precision=0, label="Decoder steps (0: the config's)")
+                prior_scale = gr.Number(0, label="Prior guidance (0: the config's)")
+                decoder_scale = gr.Number(0, label="Decoder guidance (0: the config's)")
         sampling_inputs = [sampler, prior_steps, decoder_steps, prior_scale, decoder_scale]
         with gr.Row():
             count = gr.Slider(1, MAX_PER_REQUEST, value=4, step=1, label="Images per input")
-            seed = gr.Number(None, precision=0, label="Seed (blank: random)")
+            seed = gr.Number(-1, precision=0, label="Seed (-1: random; image k gets seed + k)")
         with gr.Tabs():
             with gr.Tab("Text to image"):
                 prompts = gr.Textbox(lines=4, label=f"Prompts, one per line (up to {MAX_PROMPTS})")
@@ -96,68 +99,60 @@ def build_page(service: ImageService) -> gr.Blocks:
         gallery = gr.Gallery(label="Images", columns=4, height="auto", format="png")
         files = gr.File(label="PNG files, with their settings", file_count="multiple")
 
-        def text_to_image(text: str, n: float, seed_value: Any, *sampling: Any) -> list:
-            lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-            if not lines:
-                raise gr.Error("write a prompt: one per line")
-            if len(lines) > MAX_PROMPTS:
-                raise gr.Error(f"{len(lines)} prompts: give at most {MAX_PROMPTS}")
-            base = _seed(seed_value)
-            wanted = _checked(
-                lambda: [
-                    ImageRequest("text2im", prompt=line, n=int(n), seed=base, sampling=_sampling(*sampling))
-                    for line in lines
-                ]
-            )
-            return _requests(service, wanted)
-
-        def variation(image: Image.Image | None, n: float, seed_value: Any, *sampling: Any) -> list:
-            from dalle2_cli.io.images import flatten_to_rgb
-
-            if image is None:
-                raise gr.Error("upload an image first")
-            wanted = _checked(
-                lambda: ImageRequest(
-                    "variation",
-                    image=flatten_to_rgb(image),
-                    n=int(n),
-                    seed=_seed(seed_value),
-                    sampling=_sampling(*sampling),
-                )
-            )
-            return _requests(service, [wanted])
-
-        def inpaint(edited: dict | None, prompt: str, n: float, seed_value: Any, *sampling: Any) -> list:
-            from dalle2_cli.io.images import flatten_to_rgb
-
-            if not edited or edited.get("background") is None:
-                raise gr.Error("upload an image, then paint over what to regenerate")
-            picture = flatten_to_rgb(edited["background"])
-            mask = np.zeros((picture.height, picture.width), dtype=bool)
-            for layer in edited.get("layers") or []:
-                mask |= np.asarray(layer.convert("RGBA").resize(picture.size))[..., 3] > 0
-            if not mask.any():
-                raise gr.Error("paint over the part of the image to regenerate")
-            wanted = _checked(
-                lambda: ImageRequest(
-                    "inpaint",
-                    prompt=prompt.strip() or None,
-                    image=picture,
-                    mask=mask,
-                    n=int(n),
-                    seed=_seed(seed_value),
-                    sampling=_sampling(*sampling),
-                )
-            )
-            return _requests(service, [wanted])
-
         outputs = [gallery, files]
         common = [count, seed, *sampling_inputs]
         # No limit of gradio's own: its requests meet in the batcher, which runs them together.
-        dream.click(text_to_image, [prompts, *common], outputs, api_name="text2im", concurrency_limit=None)
-        vary.click(variation, [original, *common], outputs, api_name="variation", concurrency_limit=None)
-        paint.click(inpaint, [canvas, fill_prompt, *common], outputs, api_name="inpaint", concurrency_limit=None)
+        for button, handler, inputs, name in (
+            (dream, _text_to_image, [prompts, *common], "text2im"),
+            (vary, _variation, [original, *common], "variation"),
+            (paint, _inpaint, [canvas, fill_prompt, *common], "inpaint"),
+        ):
+            button.click(functools.partial(handler, service), inputs, outputs, api_name=name, concurrency_limit=None)
     return page
+
+
+def _text_to_image(service: ImageService, text: str, n: float, seed_value: Any, *sampling: Any) -> list:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not lines:
+        raise gr.Error("write a prompt: one per line")
+    if len(lines) > MAX_PROMPTS:
+        raise gr.Error(f"{len(lines)} prompts: give at most {MAX_PROMPTS}")
+    base = _seed(seed_value)
+    wanted = _checked(
+        lambda: [
+            ImageRequest("text2im", prompt=line, n=int(n), seed=base, sampling=_sampling(*sampling)) for line in lines
+        ]
+    )
+    return _requests(service, wanted)
+
+
+def _variation(service: ImageService, image: Image.Image | None, n: float, seed_value: Any, *sampling: Any) -> list:
+    from dalle2_cli.io.images import flatten_to_rgb
+
+    if image is None:
+        raise gr.Error("upload an image first")
+    fields = {"image": flatten_to_rgb(image), "seed": _seed(seed_value)}
+    wanted = _checked(lambda: ImageRequest("variation", n=int(n), sampling=_sampling(*sampling), **fields))
+    return _requests(service, [wanted])
+
+
+def _inpaint(
+    service: ImageService, edited: dict | None, prompt: str, n: float, seed_value: Any, *sampling: Any
+) -> list:
+    """The editor's background is the image; whatever the brush painted (any layer) is the mask."""
+    from dalle2_cli.io.images import flatten_to_rgb
+
+    if not edited or edited.get("background") is None:
+        raise gr.Error("upload an image, then paint over what to regenerate")
+    picture = flatten_to_rgb(edited["background"])
+    mask = np.zeros((picture.height, picture.width), dtype=bool)
+    for layer in edited.get("layers") or []:
+        mask |= np.asarray(layer.convert("RGBA").resize(picture.size))[..., 3] > 0
+    if not mask.any():
+        raise gr.Error("paint over the part of the image to regenerate")
+    fields = {"prompt": (prompt or "").strip() or None, "image": picture, "mask": mask, "seed": _seed(seed_value)}
+    wanted = _checked(lambda: ImageRequest("inpaint", n=int(n), sampling=_sampling(*sampling), **fields))
+    return _requests(service, [wanted])
 
 
 def mount_page(app: Any, service: ImageService, api_key: str | None) -> Any:
