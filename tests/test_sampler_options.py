@@ -119,24 +119,3 @@ def test_a_negative_prompt_steers_the_prior_and_is_recorded(tiny_config, tmp_pat
     settings = SamplingSettings(**{**base, "prior_cond_scale": 1.0}, negative_prompt="a blue square")
     TextToImage(at_one, settings).run(["a red circle"])
     assert any("negative prompt acts through the prior's guidance, which is off at scale 1" in w for w in warned)
-
-
-def test_image_mix_turns_the_fill_toward_the_image_and_is_recorded(tmp_path):
-    from PIL import Image
-
-    # The shipped model (the tiny random ones saturate whatever their embedding).
-    Image.new("RGB", (64, 64), (30, 60, 200)).save(tmp_path / "blue.png")
-    mask = Image.new("L", (64, 64), 0)
-    mask.paste(255, (0, 0, 32, 64))
-    mask.save(tmp_path / "mask.png")
-    c = ("--seed", "1", "--prior-steps", "3", "--decoder-steps", "4,2", "--resample", "1", "--json")
-    plain = _made(invoke("inpaint", "blue.png", "mask.png", "a red circle", *c, "-o", "a", cwd=tmp_path))
-    mixed = _made(invoke("inpaint", "blue.png", "mask.png", "a red circle", *c, "--image-mix", "0.5", cwd=tmp_path))
-    assert read_metadata(tmp_path / plain[0])["image_mix"] == 0.0
-    assert read_metadata(tmp_path / mixed[0])["image_mix"] == 0.5
-    a, b = _pixels(tmp_path / plain[0]), _pixels(tmp_path / mixed[0])
-    assert not np.array_equal(a[:, :32], b[:, :32])  # another embedding, another fill
-    assert np.array_equal(a[:, 32:], b[:, 32:])  # the kept half, exact in both
-    refused = invoke("inpaint", "blue.png", "mask.png", "a red circle", "--image-mix", "1.5", *c, cwd=tmp_path)
-    assert refused.returncode == 2
-    assert error_lines(refused.stderr) == ["error: --image-mix must be from 0 to below 1, got 1.5"]

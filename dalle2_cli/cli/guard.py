@@ -38,7 +38,6 @@ FLAGS = {
     "negative_prompt": "--negative-prompt",
     "ddim_eta": "--ddim-eta",
     "inpaint_resample_times": "--resample",
-    "inpaint_image_mix": "--image-mix",
     "weights": "--weights",
     "name": "--name",
     "dtype": "--dtype",

@@ -226,28 +226,17 @@ RESAMPLE = option(
 )
 
 
-IMAGE_MIX = option(
-    "inpaint_image_mix",
-    float,
-    SamplingSettings.inpaint_image_mix,
-    "--image-mix",
-    metavar="F",
-    help="With a prompt: turn its embedding this fraction of the way to the image's own (0-1), so the fill "
-    "fits what is kept.",
-)
-
-
 def sampling(prior: bool = False, count: bool = True, pad: bool = False, inpaint: bool = False) -> Group:
     """-n, --seed, --batch-size, --sampler and the decoder's steps and guidance; with `prior` its
     steps, guidance and --negative-prompt too, with `pad` the non-square-input option, with
-    `inpaint` RePaint's resampling rounds and the image mix."""
+    `inpaint` RePaint's resampling rounds."""
     options = (
         *([NUM_IMAGES] if count else []),
         *COMMON_SAMPLING,
         *(PRIOR_SAMPLING if prior else ()),
         *DECODER_SAMPLING,
         *([PAD] if pad else []),
-        *([RESAMPLE, IMAGE_MIX] if inpaint else []),
+        *([RESAMPLE] if inpaint else []),
     )
 
     def build(

@@ -124,18 +124,11 @@ class Inpainting(InferenceScript):
                 batch_size=s.batch_size,
                 num_samples_per_batch=s.num_samples_per_batch,
             )[0]
-            if s.inpaint_image_mix:
-                from dalle2_cli.sampling.manipulate import slerp
-
-                own = self._embed_images([image])[0]
-                embeds = [slerp(embed, own, s.inpaint_image_mix) for embed in embeds]
         else:
             embeds = list(self._embed_images([image]).expand(num_images, -1))
         size = self.models.decoder.image_sizes[-1]
         box = padded_box(image.size, size) if s.pad else None
         record = {"mask": mask_source, "mask_grow": mask_grow, "pad": s.pad, "resample": s.inpaint_resample_times}
-        if prompt is not None:
-            record["image_mix"] = s.inpaint_image_mix
         made: dict[int, GeneratedImage] = {}
 
         def finished(batch: list[tuple[int, int, Image.Image]]) -> None:

@@ -38,9 +38,6 @@ class SamplingSettings:
     ddim_eta: float | None = None  # None: dalle2-pytorch's (1 for the prior, the decoder's own)
     negative_prompt: str | None = None  # the prior's guidance moves away from it
     inpaint_resample_times: int = 5  # RePaint's resampling of each step (dalle2-pytorch's 5)
-    # Inpainting with a prompt: how far the prompt's image embedding is turned (slerp) toward
-    # the input image's own, so that it describes the kept part too: 0 is the prompt's alone.
-    inpaint_image_mix: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.decoder_steps, int):
@@ -67,9 +64,6 @@ class SamplingSettings:
         if self.negative_prompt is not None and not self.negative_prompt.strip():
             raise SettingError("negative_prompt", "is empty: leave it out, or say what to steer away from")
         check_whole("inpaint_resample_times", self.inpaint_resample_times, 1, MAX_RESAMPLE)
-        check_finite("inpaint_image_mix", self.inpaint_image_mix)
-        if not 0 <= self.inpaint_image_mix < 1:
-            raise SettingError("inpaint_image_mix", f"must be from 0 to below 1, got {self.inpaint_image_mix}")
 
 
 def check_sampler(name: Any, field: str = "sampler") -> str:
