@@ -138,21 +138,45 @@ def test_open_clip_weights_that_do_not_fit_the_architecture(tmp_path):
         build_clip(ClipConfig(make="open_clip", architecture={"layers": 3}, load_model_from=file), resolve_file)
 
 
+def _clip_file(route: str, directory) -> dict:
+    """A tiny CLIP of each make, saved, as a config's "clip" section."""
+    torch.manual_seed(0)
+    if route == "openai":
+        path = directory / "openai.pth"
+        torch.save(_openai_state_dict(), path)
+        return {"make": "openai", "model": "ViT-L/14", "load_model_from": {"load_type": "local", "path": str(path)}}
+    if route == "open_clip":
+        import open_clip
+
+        architecture = {
+            "embed_dim": 32,
+            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+            "text_cfg": {"context_length": 16, "width": 32, "heads": 2, "layers": 1},
+        }
+        saved = _saved(open_clip.CLIP(**architecture), directory / "open_clip.safetensors")
+        return {"make": "open_clip", "architecture": architecture, "load_model_from": saved.model_dump()}
+    from x_clip import CLIP
+
+    saved = _saved(CLIP(**XCLIP), directory / "x.safetensors")
+    return {"make": "x-clip", "architecture": XCLIP, "load_model_from": saved.model_dump()}
+
+
+@pytest.mark.parametrize("route", ["openai", "open_clip", "x-clip"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_an_openai_layout_clip_embeds_in_half_precision(tmp_path, dtype):
+def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
     """open_clip builds OpenAI-layout models with LayerNormFp32, which computes in float32: its
     weights must stay float32 when the rest is cast (else 'mixed dtype' at the first norm)."""
     from dalle2_cli.config import ModelLoadConfig
     from dalle2_cli.loading.manager import DalleModelManager
 
-    path = tmp_path / "openai.pth"
-    torch.save(_openai_state_dict(), path)
-    clip = {"make": "openai", "model": "ViT-L/14", "load_model_from": {"load_type": "local", "path": str(path)}}
-    full = DalleModelManager(ModelLoadConfig.from_dict({"clip": clip}), log=lambda _: None).clip
-    half = DalleModelManager(ModelLoadConfig.from_dict({"clip": clip}), dtype=dtype, log=lambda _: None).clip
-    assert half.clip.token_embedding.weight.dtype == dtype
+    config = ModelLoadConfig.from_dict({"clip": _clip_file(route, tmp_path)})
+    full = DalleModelManager(config, log=lambda _: None).clip
+    half = DalleModelManager(config, dtype=dtype, log=lambda _: None).clip
+    assert any(p.dtype == dtype for p in half.parameters())
+    torch.manual_seed(1)
     with torch.autocast("cpu", dtype=dtype):
         embeds = _embed(half)
+    torch.manual_seed(1)
     for low, exact in zip(embeds, _embed(full), strict=True):
         similarity = torch.nn.functional.cosine_similarity(low.float().flatten(1), exact.flatten(1))
         assert torch.isfinite(low).all() and similarity.min() > 0.99
