@@ -242,6 +242,31 @@ def test_sixteen_requests_at_once_share_batches_and_each_equals_its_lone_run(ser
         assert_same_image(made[seed - 100], lone_text2im(served.service, "a red circle", seed, 1)[0])
 
 
+def test_variations_sent_together_share_a_batch_and_each_equals_its_lone_run(served):
+    client = served.client()
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30)]
+    before = served.service.batcher.batches
+
+    def ask(number: int) -> list[Image.Image]:
+        image = png_bytes(Image.new("RGB", (32, 32), colours[number]))
+        response = client.images.create_variation(
+            image=(f"{number}.png", image, "image/png"),
+            n=2,
+            response_format="b64_json",
+            extra_body={"seed": 50 + number},
+        )
+        return [decoded(entry) for entry in response.data]
+
+    with ThreadPoolExecutor(4) as pool:
+        made = list(pool.map(ask, range(4)))
+    assert served.service.batcher.batches - before < 4
+    for number in (0, 3):
+        lone = ImageVariation(served.service.manager, SamplingSettings(seed=50 + number))
+        for mine, theirs in zip(made[number], lone.run([Image.new("RGB", (32, 32), colours[number])], 2), strict=True):
+            assert_same_image(mine, theirs.image)
+        assert [metadata_of(image)["seed"] for image in made[number]] == [50 + number, 51 + number]
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny_config, tmp_path):
     with running(tiny_config, tmp_path, queue_size=1, max_batch=1, window_s=0.2) as server:
         client = server.client()

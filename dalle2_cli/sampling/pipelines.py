@@ -69,12 +69,18 @@ class ImageVariation(InferenceScript):
         images: Sequence[Image.Image],
         num_images: int = 1,
         text: str | None = None,
-        sources: Sequence[str] | None = None,
+        sources: Sequence[str | None] | None = None,
+        seeds: Sequence[int] | None = None,
     ) -> list[GeneratedImage]:
+        """`num_images` of each image, image k with the seed + k; `seeds` gives each input
+        image a seed of its own instead (a server batches requests so)."""
         check_count(num_images)
         if not images:
             raise InputError("give at least one image to make variations of")
         check_total(num_images * len(images))
+        bases = [self.seed] * len(images) if seeds is None else list(seeds)
+        if len(bases) != len(images):
+            raise ValueError(f"give one seed per image: {len(images)}, not {len(bases)}")
         self._start(uses_prior=False)
         text = self._text_for_decoder(text)
         names = list(sources or [None] * len(images))
@@ -82,13 +88,14 @@ class ImageVariation(InferenceScript):
 
         def finished(batch: list[tuple[int, int, Image.Image]]) -> None:
             for i, k, image in batch:
-                made[i, k] = self._made(image, self.seed + k, k, text, names[i], {"pad": self.settings.pad})
+                made[i, k] = self._made(image, bases[i] + k, k, text, names[i], {"pad": self.settings.pad})
 
         self._sample_decoder(
             images=list(images),
             text=text,
             sample_count=num_images,
             batch_size=self.settings.batch_size,
+            seeds=[base + k for base in bases for k in range(num_images)],
             on_batch=finished,
         )
         return [made[i, k] for i in range(len(images)) for k in range(num_images)]

@@ -214,20 +214,22 @@ def _image_routes(app: FastAPI, api: _Images) -> None:
         fields = _checked(GenerationBody, values)
         return await api.answer(request, fields, "text2im", prompt=fields.prompt)
 
-    @app.post("/v1/images/variations")
-    async def variations(request: Request) -> Response:
+    async def upload(request: Request, body: type[BaseModel]) -> tuple[Any, dict, Image.Image, str]:
+        """A multipart request's checked fields, its files, and its image (with its file name)."""
         api.authorize(request)
         values, files = await _form(request)
-        fields = _checked(VariationBody, values)
+        fields = _checked(body, values)
         picture, source = _image(files, "image")
+        return fields, files, picture, source
+
+    @app.post("/v1/images/variations")
+    async def variations(request: Request) -> Response:
+        fields, _, picture, source = await upload(request, VariationBody)
         return await api.answer(request, fields, "variation", image=_rgb(picture), source=source)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
-        api.authorize(request)
-        values, files = await _form(request)
-        fields = _checked(EditBody, values)
-        picture, source = _image(files, "image")
+        fields, files, picture, source = await upload(request, EditBody)
         mask = _edit_mask(picture, files)
         prompt = fields.prompt if fields.prompt and fields.prompt.strip() else None
         return await api.answer(

@@ -93,11 +93,14 @@ class ImageRequest:
         return SamplingSettings(**given, batch_size=batch_size, seed=self.seed)
 
     def batch_key(self) -> Any:
-        """Requests with equal keys may share a batch: text to image with equal settings. The
-        others carry their own image, so each runs alone (its n images are its batch)."""
-        if self.kind != "text2im":
-            return object()
-        return tuple((name, _hashable(self.sampling.get(name))) for name in SAMPLING_FIELDS)
+        """Requests with equal keys may share a batch: text to image with equal settings, and
+        variations with equal settings and n. An edit runs alone (its n images are its batch)."""
+        settings = tuple((name, _hashable(self.sampling.get(name))) for name in SAMPLING_FIELDS)
+        if self.kind == "text2im":
+            return self.kind, settings
+        if self.kind == "variation":
+            return self.kind, self.n, settings
+        return object()
 
 
 def _hashable(value: Any) -> Any:
@@ -190,8 +193,10 @@ class ImageService:
         first = requests[0]
         if first.kind == "text2im":
             made = self._text_to_image(requests)
+        elif first.kind == "variation":
+            made = self._variations(requests)
         else:
-            made = [self._from_image(first)]
+            made = [self._inpaint(first)]
         return [[self._save(item, request) for item in items] for request, items in zip(requests, made, strict=True)]
 
     def _text_to_image(self, requests: Sequence[ImageRequest]) -> list[list[Any]]:
@@ -207,14 +212,20 @@ class ImageService:
             start += request.n
         return split
 
-    def _from_image(self, request: ImageRequest) -> list[Any]:
-        from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting
+    def _variations(self, requests: Sequence[ImageRequest]) -> list[list[Any]]:
+        from dalle2_cli.sampling.pipelines import ImageVariation
 
-        settings = request.settings(self.batcher.max_images)
-        if request.kind == "variation":
-            script = ImageVariation(self.manager, settings)
-            return script.run([request.image], request.n, sources=[request.source] if request.source else None)
-        script = Inpainting(self.manager, settings)
+        n = requests[0].n  # equal within a batch (see batch_key)
+        script = ImageVariation(self.manager, requests[0].settings(self.batcher.max_images))
+        images = script.run(
+            [r.image for r in requests], n, sources=[r.source for r in requests], seeds=[r.seed for r in requests]
+        )
+        return [images[i * n : (i + 1) * n] for i in range(len(requests))]
+
+    def _inpaint(self, request: ImageRequest) -> list[Any]:
+        from dalle2_cli.sampling.pipelines import Inpainting
+
+        script = Inpainting(self.manager, request.settings(self.batcher.max_images))
         return script.run(request.image, request.mask, request.prompt, request.n, source=request.source)
 
     def _save(self, item: Any, request: ImageRequest) -> Made:
