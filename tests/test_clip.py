@@ -180,3 +180,22 @@ def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
     for low, exact in zip(embeds, _embed(full), strict=True):
         similarity = torch.nn.functional.cosine_similarity(low.float().flatten(1), exact.flatten(1))
         assert torch.isfinite(low).all() and similarity.min() > 0.99
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_a_cpu_without_its_arithmetic_is_warned_of(tmp_path, dtype):
+    from dalle2_cli.config import ModelLoadConfig
+    from dalle2_cli.loading.manager import DalleModelManager, cpu_computes_in
+
+    warnings: list[str] = []
+    config = ModelLoadConfig.from_dict({"clip": _clip_file("open_clip", tmp_path)})
+    DalleModelManager(config, dtype=dtype, device="cpu", log=lambda _: None, warn=warnings.append)
+    name = str(dtype).removeprefix("torch.")
+    if cpu_computes_in(dtype):
+        assert warnings == []
+    else:
+        assert len(warnings) == 1 and f"this CPU has no {name} arithmetic" in warnings[0]
+        assert "use --dtype fp32" in warnings[0]
+    quiet: list[str] = []
+    DalleModelManager(config, dtype=torch.float32, device="cpu", log=lambda _: None, warn=quiet.append)
+    assert quiet == []

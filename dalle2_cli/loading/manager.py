@@ -29,6 +29,19 @@ from dalle2_cli.sources.resolve import is_offline, resolve_file
 M = TypeVar("M", bound=torch.nn.Module)
 
 
+def cpu_computes_in(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has fast kernels for `dtype` on this CPU (fp32 always). Without them,
+    torch runs half-precision convolutions on a slow fallback (measured about 30x fp32 on a
+    CPU without AVX512-BF16: scripts/laion_size.py)."""
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in checks:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, checks[dtype])())
+    except (AttributeError, RuntimeError):  # an older torch without the check: assume it is fine
+        return True
+
+
 def _computes_in_fp32() -> tuple[type, ...]:
     """Layers that compute in float32 whatever their input: open_clip's LayerNormFp32, which
     its OpenAI-layout models (and others built with a half cast_dtype) use for every norm."""
@@ -83,6 +96,12 @@ class DalleModelManager:
         self.resolve = resolve or functools.partial(resolve_file, offline=self.offline)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.warn = warn or (lambda message: self.log(f"warning: {message}"))
+        if self.device.type == "cpu" and not cpu_computes_in(dtype):
+            name = str(dtype).removeprefix("torch.")
+            self.warn(
+                f"this CPU has no {name} arithmetic (AVX512-BF16, AVX512-FP16 or AMX): {name} convolutions "
+                "fall back to a path many times slower than fp32; use --dtype fp32 here"
+            )
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
         self._digests: dict[str, str] = {}  # role -> sha256, see sha256()
         self.versions: dict[str, str | None] = {}  # role -> dalle2-pytorch version that wrote the file
