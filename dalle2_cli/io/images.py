@@ -167,10 +167,8 @@ def mask_array(
             f"mask {path} is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}{rotated}: "
             "make them the same size"
         )
-    alpha = np.asarray(mask.convert("RGBA"))[..., 3] if _has_alpha(mask) else None
-    if alpha is not None and (alpha < 128).any():
-        regenerate = alpha < 128
-    else:
+    regenerate = transparent_pixels(mask)
+    if regenerate is None:
         regenerate = np.asarray(_eight_bit(mask).convert("L")) >= 128
     if not regenerate.any():
         raise InputError(f"mask {path} marks nothing to regenerate: paint the area to change white")
@@ -196,6 +194,15 @@ def mask_array(
                 + "or pass {pad=True} to use the whole image"
             )
     return regenerate
+
+
+def transparent_pixels(image: Image.Image) -> np.ndarray | None:
+    """Where `image` is transparent (alpha below half), or None if no pixel is: what a mask
+    with transparency marks, as OpenAI's image edits read it."""
+    if not _has_alpha(image):
+        return None
+    transparent = np.asarray(image.convert("RGBA"))[..., 3] < 128
+    return transparent if transparent.any() else None
 
 
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:

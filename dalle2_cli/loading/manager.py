@@ -269,8 +269,9 @@ class DalleModelManager:
         schedules, masks) stay as they are, since sampling arithmetic needs their precision."""
         model = model.to("cpu" if self.offload else self.device).eval()
         if self.dtype != torch.float32:
+            own_precision = _computes_in_fp32()
             for module in model.modules():
-                if isinstance(module, _computes_in_fp32()):
+                if isinstance(module, own_precision):
                     continue  # it casts its input to float32 itself, so its weights must be float32
                 for parameter in module.parameters(recurse=False):
                     parameter.data = parameter.data.to(self.dtype)

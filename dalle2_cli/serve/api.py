@@ -53,6 +53,13 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
+    @classmethod
+    def of(cls, error: Dalle2Error, status: int = 400) -> APIError:
+        """The library's error, its setting named as the API spells it (the `param`)."""
+        field = getattr(error, "field", None)
+        param = PARAMS.get(field, field) if field else None
+        return cls(status, error.naming(lambda name: PARAMS.get(name, name)), param)
+
     def response(self) -> JSONResponse:
         kind = {401: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
         if self.status >= 500:
@@ -182,10 +189,7 @@ class _Images:
             retry = {"Retry-After": f"{error.retry_after_s:.0f}"}
             raise APIError(429, str(error), code="queue_full", **retry) from None
         except Dalle2Error as error:
-            field = getattr(error, "field", None)
-            param = PARAMS.get(field, field) if field else None
-            status = 503 if not self.service.ready else 400
-            raise APIError(status, error.naming(lambda name: PARAMS.get(name, name)), param) from None
+            raise APIError.of(error, 503 if not self.service.ready else 400) from None
         made = await _wait(request, future)
         if made is None:  # the client hung up: nobody to answer
             return Response(status_code=499)
@@ -313,7 +317,7 @@ async def _wait(request: Request, future: Any) -> Any:
             try:
                 return waiting.result()
             except Dalle2Error as error:
-                raise APIError(400, str(error), getattr(error, "field", None)) from None
+                raise APIError.of(error) from None
         if await request.is_disconnected():
             future.cancel()
             return None
@@ -379,22 +383,18 @@ def _image(files: dict[str, tuple[bytes, str]], param: str) -> tuple[Image.Image
 
 
 def _edit_mask(picture: Image.Image, files: dict[str, tuple[bytes, str]]) -> np.ndarray:
-    """OpenAI's convention: fully transparent pixels of the mask (or, without a mask, of the
-    image) are the ones to edit; a mask without transparency marks them white."""
-    from dalle2_cli.io.images import mask_array
+    """OpenAI's convention: transparent pixels of the mask (or, without a mask, of the image)
+    are the ones to edit; a mask without transparency marks them white."""
+    from dalle2_cli.io.images import mask_array, transparent_pixels
 
     param = "mask" if "mask" in files else "image"
     try:
         source = _image(files, "mask")[0] if "mask" in files else picture
-        if "mask" not in files and not _transparent(picture):
+        if "mask" not in files and transparent_pixels(picture) is None:
             raise APIError(400, "give a mask, or an image whose transparent pixels mark what to edit", "mask")
         return mask_array(source, picture.size, param)
     except Dalle2Error as error:
         raise APIError(400, str(error), param, "invalid_mask") from None
-
-
-def _transparent(image: Image.Image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA") and bool((np.asarray(image.getchannel("A")) < 255).any())
 
 
 def _model_card(service: ImageService) -> dict:

@@ -114,10 +114,6 @@ class Made:
     item: Any  # dalle2_cli.sampling.generated.GeneratedImage
     path: Path
 
-    @property
-    def seed(self) -> int:
-        return self.item.seed
-
 
 class ImageService:
     """Loaded models, one batcher in front of them, and the directory the images go to."""
@@ -148,11 +144,6 @@ class ImageService:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
-
-    @property
-    def size(self) -> int:
-        """The side of the images the models make."""
-        return self.manager.decoder.image_sizes[-1]
 
     def start(self) -> None:
         """Load every model (a request never waits for loading), then take requests."""
