@@ -135,6 +135,15 @@ def measured(command: list[str], cwd: Path) -> dict:
     return {"code": code, "seconds": seconds, "peak_gib": usage.ru_maxrss / 2**20, "stdout": stdout, "stderr": stderr}
 
 
+def _json_report(stdout: str) -> dict:
+    """The CLI's --json report (its last line), or {} for a run that printed none."""
+    lines = stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        return {}
+
+
 LAION_WAY = """
 import sys, torch
 from dalle2_pytorch.train_configs import DecoderConfig
@@ -150,13 +159,20 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(".laion-size"))
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument(
-        "--runs", default="text2im-fp32,text2im-bf16,text2im-fp16,variation-fp32,inpaint-fp32,laion-way"
+        "--runs",
+        default="text2im-fp32,text2im-bf16,text2im-fp16,text2im-fp32-low,text2im-bf16-low,variation-fp32,"
+        "inpaint-fp32,laion-way",
+        help="which runs, comma-separated; a -low run adds --low-memory",
     )
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: also peak GPU memory, and text2im-fp16-n8 (images/s for -n 8)"
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.cache = args.cache.resolve()
+    if args.device != "cpu" and args.runs == parser.get_default("runs"):
+        args.runs = "text2im-fp32,text2im-fp16,text2im-fp16-low,text2im-fp16-n8,variation-fp32,inpaint-fp32,laion-way"
     if args.build_only:
         build(args.cache)
         return
@@ -187,6 +203,8 @@ def main() -> None:
     }
     for dtype in ("fp32", "bf16", "fp16"):
         commands[f"text2im-{dtype}"] = [*cli, "text2im", "a corgi", *steps, *common, "--dtype", dtype]
+        commands[f"text2im-{dtype}-low"] = [*commands[f"text2im-{dtype}"], "--low-memory"]
+    commands["text2im-fp16-n8"] = [*commands["text2im-fp16"], "-n", "8", "--batch-size", "8"]
     commands["variation-fp32"] = [*cli, "variation", "photo.png", "--decoder-steps", str(args.steps), *common]
     commands["inpaint-fp32"] = [*cli, "inpaint", "photo.png", "mask.png", "a red ball", *steps, *common]
     results = {}
@@ -194,10 +212,17 @@ def main() -> None:
     for name in ["inspect", *args.runs.split(",")]:
         result = measured(commands[name], work)
         results[name] = {k: v for k, v in result.items() if k not in ("stdout", "stderr")}
+        report = _json_report(result["stdout"])
+        figures = ("peak_gpu_memory_gib", "images_per_second", "seconds")
+        results[name].update({f"work_{k}" if k == "seconds" else k: report[k] for k in figures if k in report})
         verdict = "ok" if result["code"] == 0 else f"FAILED ({result['stderr'].strip().splitlines()[-1:]})"
+        gpu = f", peak GPU {report['peak_gpu_memory_gib']:.2f} GiB" if "peak_gpu_memory_gib" in report else ""
+        rate = f", {report['images_per_second']:.3f} images/s" if "images_per_second" in report else ""
+        if "seconds" in report:  # the CLI's own figure: loading, sampling and saving, after start-up
+            rate = f" ({report['seconds']:.1f} s loading and sampling){rate}"
         print(
-            f"{name:>15}: peak RSS {result['peak_gib']:.2f} GiB ({result['peak_gib'] / files:.2f}x the files), "
-            f"{result['seconds']:.1f} s, {verdict}",
+            f"{name:>16}: peak RSS {result['peak_gib']:.2f} GiB ({result['peak_gib'] / files:.2f}x the files), "
+            f"{result['seconds']:.1f} s{gpu}{rate}, {verdict}",
             flush=True,
         )
     if args.json:

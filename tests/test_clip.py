@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -171,10 +173,11 @@ def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
 
     config = ModelLoadConfig.from_dict({"clip": _clip_file(route, tmp_path)})
     full = DalleModelManager(config, log=lambda _: None).clip
-    half = DalleModelManager(config, dtype=dtype, log=lambda _: None).clip
+    manager = DalleModelManager(config, dtype=dtype, log=lambda _: None)
+    half = manager.clip
     assert any(p.dtype == dtype for p in half.parameters())
     torch.manual_seed(1)
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast("cpu", dtype=manager.compute_dtype, enabled=manager.compute_dtype != torch.float32):
         embeds = _embed(half)
     torch.manual_seed(1)
     for low, exact in zip(embeds, _embed(full), strict=True):
@@ -183,19 +186,67 @@ def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_on_a_cpu_without_its_arithmetic_is_warned_of(tmp_path, dtype):
+def test_half_precision_on_a_cpu_without_its_arithmetic_computes_in_fp32(tmp_path, dtype):
+    """Torch's fallback for half convolutions on such a CPU is about 30x slower than fp32: the
+    weights stay half (the memory saved) and each layer computes on float32 copies of them."""
     from dalle2_cli.config import ModelLoadConfig
-    from dalle2_cli.loading.manager import DalleModelManager, cpu_computes_in
+    from dalle2_cli.loading.manager import DalleModelManager
+    from dalle2_cli.loading.precision import cpu_computes_in
 
-    warnings: list[str] = []
+    logs: list[str] = []
     config = ModelLoadConfig.from_dict({"clip": _clip_file("open_clip", tmp_path)})
-    DalleModelManager(config, dtype=dtype, device="cpu", log=lambda _: None, warn=warnings.append)
+    manager = DalleModelManager(config, dtype=dtype, device="cpu", log=logs.append)
     name = str(dtype).removeprefix("torch.")
     if cpu_computes_in(dtype):
-        assert warnings == []
-    else:
-        assert len(warnings) == 1 and f"this CPU has no {name} arithmetic" in warnings[0]
-        assert "use --dtype fp32" in warnings[0]
-    quiet: list[str] = []
-    DalleModelManager(config, dtype=torch.float32, device="cpu", log=lambda _: None, warn=quiet.append)
-    assert quiet == []
+        assert manager.compute_dtype == dtype and not any("arithmetic" in line for line in logs)
+        return
+    assert manager.compute_dtype == torch.float32
+    assert [line for line in logs if f"this CPU has no {name} arithmetic" in line and "computed in fp32" in line]
+    clip = manager.clip
+    stored = {p.dtype for p in clip.parameters()}
+    assert stored == {dtype}  # every weight of this CLIP is stored in half precision...
+    layer = clip.clip.visual.conv1
+    assert layer.weight.dtype == torch.float32  # ...and read as float32 by the layer
+    torch.manual_seed(1)
+    embeds = _embed(clip)
+    # Exactly what a float32 CLIP with the same (half-rounded) weights computes.
+    rounded = DalleModelManager(config, device="cpu", log=lambda _: None).clip
+    with torch.no_grad():
+        for parameter in rounded.parameters():
+            parameter.copy_(parameter.to(dtype).float())
+    torch.manual_seed(1)
+    for low, exact in zip(embeds, _embed(rounded), strict=True):
+        assert low.dtype == torch.float32 and torch.equal(low, exact)
+
+
+def test_an_openai_torchscript_file_is_refused_with_the_command_that_converts_it(tmp_path):
+    """OpenAI's released CLIP files are TorchScript archives: never run here, but the message
+    gives a one-line conversion, whose output loads (in half precision too)."""
+    import re
+    import subprocess
+    import sys
+
+    import open_clip
+
+    from dalle2_cli.config import ModelLoadConfig
+    from dalle2_cli.loading.manager import DalleModelManager
+
+    state = _openai_state_dict()
+    model = open_clip.model.build_model_from_openai_state_dict(dict(state)).float().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (torch.rand(1, 3, 32, 32), torch.zeros(1, 16, dtype=torch.long)), strict=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    section = {"make": "openai", "model": "ViT-L/14", "load_model_from": {"load_type": "local", "path": ""}}
+    section["load_model_from"]["path"] = str(tmp_path / "ViT-tiny.pt")
+    with pytest.raises(InputError, match="is a TorchScript archive") as refused:
+        DalleModelManager(ModelLoadConfig.from_dict({"clip": section}), log=lambda _: None).clip
+    command = re.search(r'python -c "(.*?)"', str(refused.value)).group(1)
+    run = subprocess.run([sys.executable, "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    section["load_model_from"]["path"] = str(tmp_path / "clip-state-dict.pt")
+    manager = DalleModelManager(ModelLoadConfig.from_dict({"clip": section}), dtype=torch.bfloat16, log=lambda _: None)
+    clip = manager.clip
+    assert torch.equal(clip.clip.text_projection.float(), model.text_projection.to(torch.bfloat16).float())
+    with torch.autocast("cpu", dtype=manager.compute_dtype, enabled=manager.compute_dtype != torch.float32):
+        assert all(torch.isfinite(out).all() for out in _embed(clip))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import packaging.version
+import pytest
 import torch
 from safetensors import safe_open
 
@@ -112,3 +113,29 @@ def test_half_precision_weights_sample_under_autocast(tiny_config, tmp_path):
     result = invoke("text2im", "x", "-c", str(tiny_config), "--dtype", "fp16", "--json", "-o", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["images"][0]["settings"]["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_memory_holds_a_stage_in_its_precision_only_while_it_runs(tiny_config, dtype):
+    """--low-memory: the same images; between stages, every weight is the file's memory-mapped
+    float32 tensor (its pages handed back), converted to the dtype only while its stage runs."""
+    from dalle2_cli.loading.precision import FilePages
+
+    assert [a.tolist() for a in images(tiny_config, dtype=dtype, low_memory=True)] == [
+        a.tolist() for a in images(tiny_config, dtype=dtype)
+    ]
+    manager = DalleModelManager(
+        load_config(str(tiny_config)), device="cpu", log=lambda _: None, dtype=dtype, low_memory=True
+    )
+    prior = manager.prior
+    mapped = FilePages().ranges
+
+    def file_backed(tensor: torch.Tensor) -> bool:
+        return any(low <= tensor.data_ptr() < high for low, high in mapped)
+
+    weights = [p for p in prior.net.parameters() if p.dim() == 2]
+    assert weights and all(p.dtype == torch.float32 and file_backed(p) for p in weights)
+    with manager.using(prior):
+        assert all(p.dtype == dtype for p in weights)
+        assert dtype == torch.float32 or not any(file_backed(p) for p in weights)
+    assert all(p.dtype == torch.float32 and file_backed(p) for p in weights)

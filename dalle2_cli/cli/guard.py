@@ -126,7 +126,7 @@ def describe(error: BaseException, most: int = 400) -> str:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # `... --json | head`
         text = "the output pipe was closed"
     elif isinstance(error, MemoryError):
-        text = "out of memory: ask for fewer images at once (--batch-size), or use --dtype bf16"
+        text = "out of memory: ask for fewer images at once (--batch-size), use --dtype bf16, or --low-memory"
     elif isinstance(error, RecursionError):
         text = "an input is nested too deeply to read"
     elif isinstance(error, OSError):

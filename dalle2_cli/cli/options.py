@@ -59,6 +59,7 @@ class ModelChoice:
     strict: bool | None = None  # None: the config's strict_loading
     offline: bool = False
     keep_resident: bool = False
+    low_memory: bool = False
     compile: bool = False
     threads: int | None = None
     named: bool = False  # whether --config was given (else the default or the environment's)
@@ -72,6 +73,7 @@ class ModelChoice:
             "strict": self.strict,
             "dtype": self.dtype.dtype,
             "keep_resident": self.keep_resident,
+            "low_memory": self.low_memory,
             "compile": self.compile,
         }
 
@@ -84,6 +86,7 @@ def _model(
     non_strict: bool,
     offline: bool,
     keep_resident: bool,
+    low_memory: bool,
     compile_networks: bool,
     threads: int | None,
 ) -> ModelChoice:
@@ -96,6 +99,8 @@ def _model(
             ) from None
     if threads is not None and threads < 1:
         raise SettingError("threads", f"must be at least 1, got {threads}")
+    if low_memory and keep_resident:
+        raise InputError("--low-memory and --keep-resident pull opposite ways: choose one")
     if offline:
         go_offline()
     return ModelChoice(
@@ -106,6 +111,7 @@ def _model(
         False if non_strict else None,
         offline,
         keep_resident,
+        low_memory,
         compile_networks,
         threads,
         named=config is not None,
@@ -117,7 +123,13 @@ MODEL = Group(
     (
         config_option(CONFIG_HELP),
         option("device", str | None, None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
-        option("dtype", Precision, Precision.fp32, "--dtype", help="Weights' precision; half samples under autocast."),
+        option(
+            "dtype",
+            Precision,
+            Precision.fp32,
+            "--dtype",
+            help="Weights' precision: bf16 and fp16 halve their memory (computed in fp32 on a CPU without them).",
+        ),
         option(
             "weights", Weights, Weights.ema, "--weights", help="ema (averaged weights, when a file has them) or raw."
         ),
@@ -141,6 +153,14 @@ MODEL = Group(
             False,
             "--keep-resident",
             help="Keep every model on the GPU (faster when it fits) instead of only the running stage.",
+        ),
+        option(
+            "low_memory",
+            bool,
+            False,
+            "--low-memory",
+            help="Hold in memory only the weights of the stage that runs (read again from the model files for "
+            "each stage): peak memory near the largest model's, at the cost of reading and converting per batch.",
         ),
         option(
             "compile_networks",

@@ -10,7 +10,6 @@ Formats (see dalle2-pytorch's trainer.py and trackers.py):
 
 from __future__ import annotations
 
-import ctypes
 import json
 import pickle
 import re
@@ -27,6 +26,7 @@ from torch import nn
 from dalle2_cli.errors import InputError, literal
 from dalle2_cli.io.atomic import atomic_path
 from dalle2_cli.loading.choices import Weights
+from dalle2_cli.loading.precision import FilePages, converted, half_precision_keys, release_freed_memory
 
 T = TypeVar("T", bound=nn.Module)
 
@@ -201,6 +201,14 @@ def _torch_load(path: Path, map_location: str) -> tuple[Any, list]:
 
 def _unreadable(path: Path, error: Exception) -> InputError:
     text = str(error)
+    if "TorchScript" in text:
+        # OpenAI's released CLIP files are TorchScript archives; reading one means running it.
+        return InputError(
+            f"{path} is a TorchScript archive (as OpenAI's released CLIP files are), which holds code: "
+            "from a file you trust, save its weights once with python -c \"import torch; "
+            f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip-state-dict.pt')\" "
+            "and give that file instead"
+        )
     found = re.search(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+)", text)
     if found:
         name = found.group(1) or found.group(2)
@@ -273,9 +281,15 @@ def summarize_keys(keys: list[str], depth: int = 2, limit: int = 6) -> str:
 
 
 def load_weights(
-    module: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool, what: str, version: str | None = None
+    module: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    strict: bool,
+    what: str,
+    version: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> list[str]:
-    """Load `state_dict` into `module`; strict mismatches raise one readable error.
+    """Load `state_dict` into `module`; strict mismatches raise one readable error. With a
+    half `dtype`, the parameters that take it (precision.half_precision_keys) are stored in it.
 
     Returns warnings (for non-strict loading that left modules without weights).
     """
@@ -309,9 +323,12 @@ def load_weights(
             + 'or load anyway with {strict=False} (config: "strict_loading": false), which leaves those weights random.'
         )
     # The module adopts the file's (memory-mapped) tensors rather than copying them into its own,
-    # so loading holds one copy of the weights; tensors of another dtype are converted first.
+    # so loading holds one copy of the weights; tensors of another dtype are converted first,
+    # each handing its file pages back once converted.
+    half = half_precision_keys(module) if dtype != torch.float32 else set()
+    file_pages = FilePages()
     state_dict = {
-        k: v.to(expected[k].dtype) if k in expected and v.dtype != expected[k].dtype else v
+        k: converted(v, dtype if k in half else expected[k].dtype, file_pages) if k in expected else v
         for k, v in state_dict.items()
     }
     del expected  # the module's initial weights: free them once replaced
@@ -333,16 +350,6 @@ def new_model(build: Callable[[], T], weights_follow: bool) -> T:
 
     with init_empty_weights(include_buffers=False):
         return build()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS. glibc keeps large freed blocks (here: a model's
-    random initial weights, replaced by the file's) resident otherwise, which doubles the
-    peak memory of loading once the file's weights are read."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def write_safetensors(checkpoint: Checkpoint, target: Path, config: dict[str, Any] | None = None) -> None:

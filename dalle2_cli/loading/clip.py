@@ -8,6 +8,7 @@ which is how offline and custom CLIPs work.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,25 +79,27 @@ def build_clip(
     strict: bool = True,
     map_location: str = "cpu",
     offline: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> BaseClipAdapter:
     """`offline` only words the message when weights open_clip would download are missing
-    (open_clip itself follows HF_HUB_OFFLINE, which the CLI's --offline sets for it)."""
+    (open_clip itself follows HF_HUB_OFFLINE, which the CLI's --offline sets for it); `dtype`:
+    the precision weights read from a file are stored in (see load_weights)."""
     hint = " (offline mode is on: `dalle2 models download -c CONFIG` fetches the CLIP weights while online)"
     hint = hint if offline else ""
     if config.make == "openai":
-        adapter = _openai(config, resolve, strict, map_location, hint)
+        adapter = _openai(config, resolve, strict, map_location, hint, dtype)
     elif config.make == "open_clip":
-        adapter = _open_clip(config, resolve, strict, map_location, hint)
+        adapter = _open_clip(config, resolve, strict, map_location, hint, dtype)
     else:
-        adapter = _x_clip_or_coca(config, resolve, strict, map_location)
+        adapter = _x_clip_or_coca(config, resolve, strict, map_location, dtype)
     adapter.eval().requires_grad_(False)
     return adapter
 
 
-def _load_file(model: torch.nn.Module, file: File, resolve, strict: bool, map_location: str) -> None:
+def _load_file(model: torch.nn.Module, file: File, resolve, strict: bool, map_location: str, dtype) -> None:
     path = resolve(file)
     checkpoint = read_checkpoint(path, map_location=map_location)
-    load_weights(model, checkpoint.state_dict, strict, what=f"CLIP weights {path}", version=checkpoint.version)
+    load_weights(model, checkpoint.state_dict, strict, f"CLIP weights {path}", checkpoint.version, dtype)
 
 
 def openai_name_in_open_clip(name: str) -> str:
@@ -104,7 +107,7 @@ def openai_name_in_open_clip(name: str) -> str:
     return name.replace("/", "-").replace("@336px", "-336")
 
 
-def _openai(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str) -> BaseClipAdapter:
+def _openai(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str, dtype) -> BaseClipAdapter:
     # OpenAI's models are built by open_clip: dalle2-pytorch's OpenAIClipAdapter goes through
     # clip-anytorch, which imports pkg_resources and so fails under current setuptools.
     import open_clip
@@ -120,22 +123,23 @@ def _openai(config: ClipConfig, resolve, strict: bool, map_location: str, hint: 
     else:
         path = resolve(config.load_model_from)
         checkpoint = read_checkpoint(path, map_location=map_location)
-        weights = {
-            k: v
-            for k, v in checkpoint.state_dict.items()
-            if k not in ("input_resolution", "context_length", "vocab_size")
-        }
+        # Sizes OpenAI's files carry as tensors, and the causal mask, which open_clip makes.
+        derived = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+        weights = {k: v for k, v in checkpoint.state_dict.items() if k not in derived}
         try:
-            # open_clip reads the architecture off the shapes (and loads a half-precision copy:
-            # the exact weights are loaded again below, strictly).
-            model = open_clip.model.build_model_from_openai_state_dict(dict(checkpoint.state_dict)).float()
+            # open_clip reads the architecture off the shapes (and loads a copy of the weights,
+            # into parameters without memory when every weight is loaded again below).
+            build = open_clip.model.build_model_from_openai_state_dict
+            with warnings.catch_warnings():  # its copy into weightless parameters does nothing, as meant
+                warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+                model = new_model(lambda: build(dict(weights)).float(), strict)
         except (KeyError, RuntimeError, IndexError, ValueError) as error:
             raise InputError(f"{path} is not an OpenAI CLIP state dict ({error})") from None
-        load_weights(model, weights, strict, what=f"CLIP weights {path}", version=checkpoint.version)
+        load_weights(model, weights, strict, f"CLIP weights {path}", checkpoint.version, dtype)
     return PrebuiltOpenClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
 
 
-def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str) -> BaseClipAdapter:
+def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str, hint: str, dtype) -> BaseClipAdapter:
     import open_clip
 
     if config.architecture is not None:
@@ -157,15 +161,15 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str, hin
         if weights_file:
             # A path given as `pretrained` is read here, never by open_clip's own torch.load.
             local = File(load_type="local", path=str(Path(config.pretrained).expanduser()))
-            _load_file(model, local, resolve, strict, map_location)
+            _load_file(model, local, resolve, strict, map_location, dtype)
     if config.load_model_from is not None:
-        _load_file(model, config.load_model_from, resolve, strict, map_location)
+        _load_file(model, config.load_model_from, resolve, strict, map_location, dtype)
     mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
     std = getattr(model.visual, "image_std", None) or OPENAI_STD
     return PrebuiltOpenClipAdapter(model, Normalize(mean, std))
 
 
-def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str) -> BaseClipAdapter:
+def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str, dtype) -> BaseClipAdapter:
     if config.make == "x-clip":
         from x_clip import CLIP as XCLIP
 
@@ -179,7 +183,7 @@ def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str
     except TypeError as error:
         raise InputError(f"clip.architecture does not fit {config.make}: {error}") from None
     if config.load_model_from is not None:
-        _load_file(model, config.load_model_from, resolve, strict, map_location)
+        _load_file(model, config.load_model_from, resolve, strict, map_location, dtype)
     return adapter_class(model, **config.adapter_overrides)
 
 

@@ -23,33 +23,11 @@ from dalle2_cli.loading.checkpoint import Checkpoint, load_weights, new_model, r
 from dalle2_cli.loading.choices import Weights
 from dalle2_cli.loading.clip import build_clip, text_encoding_dim
 from dalle2_cli.loading.devices import resolve_device
+from dalle2_cli.loading.precision import cast_parameters, compute_in_fp32, cpu_computes_in, restore_parameters
 from dalle2_cli.loading.stitch import check_fit, read_part, stitched_config, stitched_state_dict
 from dalle2_cli.sources.resolve import is_offline, resolve_file
 
 M = TypeVar("M", bound=torch.nn.Module)
-
-
-def cpu_computes_in(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has fast kernels for `dtype` on this CPU (fp32 always). Without them,
-    torch runs half-precision convolutions on a slow fallback (measured about 30x fp32 on a
-    CPU without AVX512-BF16: scripts/laion_size.py)."""
-    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
-    if dtype not in checks:
-        return True
-    try:
-        return bool(getattr(torch.ops.mkldnn, checks[dtype])())
-    except (AttributeError, RuntimeError):  # an older torch without the check: assume it is fine
-        return True
-
-
-def _computes_in_fp32() -> tuple[type, ...]:
-    """Layers that compute in float32 whatever their input: open_clip's LayerNormFp32, which
-    its OpenAI-layout models (and others built with a half cast_dtype) use for every norm."""
-    try:
-        from open_clip.transformer import LayerNormFp32
-    except ImportError:
-        return ()
-    return (LayerNormFp32,)
 
 
 class DalleModelManager:
@@ -67,6 +45,7 @@ class DalleModelManager:
         strict: bool | None = None,
         dtype: torch.dtype = torch.float32,
         keep_resident: bool = False,
+        low_memory: bool = False,
         compile: bool | str = False,
         name: str | None = None,
         offline: bool | None = None,
@@ -75,6 +54,9 @@ class DalleModelManager:
         `strict`: overrides the config's `strict_loading`; `dtype`: the weights' precision
         (sampling then runs under autocast, see InferenceScript); `keep_resident`: keep every
         model on an accelerator device, instead of only the stage that runs (see `using`);
+        `low_memory`: hold only the running stage's weights in memory (see `using`): models
+        keep the file's memory-mapped weights, converted to `dtype` for each stage and handed
+        back after;
         `compile`: torch.compile the prior's network and each decoder unet (see
         `compile_networks`; a string names the torch.compile backend, default inductor);
         `log` receives what is loaded (default: stderr), `warn` what the user should know
@@ -91,16 +73,24 @@ class DalleModelManager:
         # On an accelerator, models wait in host memory and only the running stage's sits on
         # the device, as dalle2-laion did: a 1.5B decoder and a prior need not fit together.
         self.offload = self.device.type != "cpu" and not keep_resident
+        self.low_memory = low_memory
+        # Loaded weights are stored in `dtype`, except with low_memory: they stay as the file
+        # has them (memory-mapped, read from disk when touched) until a stage runs.
+        self.stored_dtype = torch.float32 if low_memory else dtype
         self.compile = compile
         self.offline = is_offline() if offline is None else offline
         self.resolve = resolve or functools.partial(resolve_file, offline=self.offline)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.warn = warn or (lambda message: self.log(f"warning: {message}"))
+        # What the networks compute in: the weights' dtype, except on a CPU without that
+        # arithmetic, where half-precision weights are handed to each layer in float32.
+        self.compute_dtype = dtype
         if self.device.type == "cpu" and not cpu_computes_in(dtype):
+            self.compute_dtype = torch.float32
             name = str(dtype).removeprefix("torch.")
-            self.warn(
-                f"this CPU has no {name} arithmetic (AVX512-BF16, AVX512-FP16 or AMX): {name} convolutions "
-                "fall back to a path many times slower than fp32; use --dtype fp32 here"
+            self.log(
+                f"this CPU has no {name} arithmetic (AVX512-BF16, AVX512-FP16 or AMX): weights are kept in "
+                f"{name} (half the memory) and computed in fp32, about as fast as --dtype fp32"
             )
         self.files: dict[str, Path] = {}  # role -> resolved path, for metadata
         self._digests: dict[str, str] = {}  # role -> sha256, see sha256()
@@ -178,7 +168,7 @@ class DalleModelManager:
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
-            clip = build_clip(clip_config, resolve, self.strict, self.map_location, self.offline)
+            clip = build_clip(clip_config, resolve, self.strict, self.map_location, self.offline, self.stored_dtype)
             self._clip = self._placed(clip)
         return self._clip
 
@@ -212,7 +202,14 @@ class DalleModelManager:
             )
         prior = new_model(prior_config.create, weights_follow=self.strict)
         self._warn(
-            load_weights(prior, checkpoint.state_dict, self.strict, f"prior {checkpoint.path}", checkpoint.version)
+            load_weights(
+                prior,
+                checkpoint.state_dict,
+                self.strict,
+                f"prior {checkpoint.path}",
+                checkpoint.version,
+                self.stored_dtype,
+            )
         )
         prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
         return self._compiled(self._placed(prior))
@@ -240,6 +237,7 @@ class DalleModelManager:
                 self.strict,
                 f"decoder {names}",
                 next(iter(versions), None),
+                self.stored_dtype,
             )
         )
         self._check_decoder_fits_clip(decoder, names)
@@ -265,16 +263,13 @@ class DalleModelManager:
                 )
 
     def _placed(self, model: M) -> M:
-        """On the device, in eval mode, with parameters in the chosen precision; buffers (noise
-        schedules, masks) stay as they are, since sampling arithmetic needs their precision."""
+        """On the device, in eval mode, with parameters in the chosen precision (loading stores
+        most in it already; a CLIP open_clip downloads comes in float32)."""
         model = model.to("cpu" if self.offload else self.device).eval()
         if self.dtype != torch.float32:
-            own_precision = _computes_in_fp32()
-            for module in model.modules():
-                if isinstance(module, own_precision):
-                    continue  # it casts its input to float32 itself, so its weights must be float32
-                for parameter in module.parameters(recurse=False):
-                    parameter.data = parameter.data.to(self.dtype)
+            cast_parameters(model, self.stored_dtype)
+            if self.compute_dtype == torch.float32:
+                compute_in_fp32(model)
         return model
 
     def _compiled(self, model: M) -> M:
@@ -284,19 +279,31 @@ class DalleModelManager:
 
     @contextlib.contextmanager
     def using(self, *models: torch.nn.Module) -> Iterator[None]:
-        """`models` on the device for this block; when offloading, back in host memory after."""
-        if not self.offload:
-            yield
-            return
-        for model in models:
-            model.to(self.device)
+        """`models` ready to run for this block: on the device (when offloading, back in host
+        memory after) and, with low_memory, with their weights in `dtype` for the block only,
+        the file's pages handed back after (they are read again from the file next time)."""
+        stored = [self._in_precision(model) for model in models] if self.low_memory else []
+        if self.offload:
+            for model in models:
+                model.to(self.device)
         try:
             yield
         finally:
-            for model in models:
-                model.to("cpu")
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            # The host-memory weights first: offloading then moves only the buffers back.
+            for model, weights in zip(models, stored, strict=False):
+                restore_parameters(model, weights)
+            if self.offload:
+                for model in models:
+                    model.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _in_precision(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Convert `model`'s half-precision weights to `dtype`; returns them as they were."""
+        weights = {name: parameter.data for name, parameter in model.named_parameters()}
+        if self.dtype != torch.float32:
+            cast_parameters(model, self.dtype)
+        return weights
 
     def _warn(self, warnings: list[str]) -> None:
         for message in warnings:

@@ -169,9 +169,7 @@ class TextDiff(InferenceScript):
     @torch.inference_mode()
     def text_diff(self, source_text: str, target_text: str) -> torch.Tensor:
         """normalize(text_embed(target) - text_embed(source)), CLIP's text embeddings being unit."""
-        with self._precision():
-            embeds, _ = self.models.clip.embed_text(self._tokens([source_text, target_text]))
-        embeds = embeds.float()
+        embeds, _ = self._embed_text(self._tokens([source_text, target_text]))
         difference = embeds[1] - embeds[0]
         norm = difference.norm()
         if norm < 1e-6:
@@ -245,9 +243,8 @@ class RerankedTextToImage(TextToImage):
     def _text_embeds(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Each distinct text's unit CLIP text embedding, from one CLIP call."""
         distinct = list(dict.fromkeys(texts))
-        with self._precision():
-            embeds, _ = self.models.clip.embed_text(self._tokens(distinct))
-        embeds = torch.nn.functional.normalize(embeds.float(), dim=-1)
+        embeds, _ = self._embed_text(self._tokens(distinct))
+        embeds = torch.nn.functional.normalize(embeds, dim=-1)
         return dict(zip(distinct, embeds, strict=True))
 
     @torch.inference_mode()

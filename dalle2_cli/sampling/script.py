@@ -68,10 +68,10 @@ class InferenceScript:
         return self.models.device
 
     def _precision(self):
-        """Half-precision weights sample under autocast, which casts each op's inputs."""
-        if self.models.dtype == torch.float32:
+        """Half-precision arithmetic runs under autocast, which casts each op's inputs."""
+        if self.models.compute_dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.models.dtype)
+        return torch.autocast(self.device.type, dtype=self.models.compute_dtype)
 
     def _start(self, uses_prior: bool) -> None:
         """Load what will run, plan every stage before any sampling (a bad setting stops the

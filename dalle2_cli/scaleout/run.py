@@ -275,6 +275,10 @@ class _Session:
             del record["job"]
         total = len(records)
         report: dict[str, Any] = {"images": records, "config": request.config_name, "device": str(manager.device)}
+        if manager.device.type == "cuda":
+            import torch
+
+            report["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(manager.device) / 2**30
         done_before = f" ({plan.finished} were done already)" if plan and plan.finished else ""
         self.say(f"saved {total} image(s) to {request.directory}{done_before}")
         if request.work.scalable:

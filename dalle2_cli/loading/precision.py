@@ -1,0 +1,162 @@
+"""Half precision: which weights take it, converting them without holding the file twice, and
+computing in float32 where the CPU has no half-precision arithmetic."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+
+def cpu_computes_in(dtype: torch.dtype) -> bool:
+    """Whether oneDNN has fast kernels for `dtype` on this CPU (fp32 always). Without them,
+    torch runs half-precision convolutions on a slow fallback (measured about 30x fp32 on a
+    CPU without AVX512-BF16: scripts/laion_size.py)."""
+    checks = {torch.bfloat16: "_is_mkldnn_bf16_supported", torch.float16: "_is_mkldnn_fp16_supported"}
+    if dtype not in checks:
+        return True
+    try:
+        return bool(getattr(torch.ops.mkldnn, checks[dtype])())
+    except (AttributeError, RuntimeError):  # an older torch without the check: assume it is fine
+        return True
+
+
+def _computes_in_fp32() -> tuple[type, ...]:
+    """Layers that compute in float32 whatever their input: open_clip's LayerNormFp32, which
+    its OpenAI-layout models (and others built with a half cast_dtype) use for every norm."""
+    try:
+        from open_clip.transformer import LayerNormFp32
+    except ImportError:
+        return ()
+    return (LayerNormFp32,)
+
+
+def half_precision_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the parameters that half precision stores in half: every
+    floating-point parameter but those of layers that compute in float32 themselves (their
+    weights must stay float32). Buffers (noise schedules, masks) keep their precision, since
+    sampling arithmetic needs it."""
+    own_precision = _computes_in_fp32()
+    keys = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, own_precision):
+            continue
+        for name, parameter in module.named_parameters(prefix=prefix, recurse=False):
+            if parameter.is_floating_point():
+                keys.add(name)
+    return keys
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store `model`'s half-precision parameters (see half_precision_keys) in `dtype`, each
+    memory-mapped one's file pages handed back once converted."""
+    keys = half_precision_keys(model)
+    file_pages = FilePages()
+    for name, parameter in model.named_parameters():
+        if name in keys:
+            parameter.data = converted(parameter.data, dtype, file_pages)
+
+
+def restore_parameters(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Give `model`'s parameters back the tensors in `weights` (by name), then hand back the
+    pages of every memory-mapped one: the stage's copies are freed, the file's pages are read
+    again when next touched."""
+    file_pages = FilePages()
+    for name, parameter in model.named_parameters():
+        if name in weights:
+            parameter.data = weights[name]
+        file_pages.release(parameter.data)
+    release_freed_memory()
+
+
+def converted(tensor: torch.Tensor, dtype: torch.dtype, file_pages: FilePages) -> torch.Tensor:
+    """`tensor` in `dtype`. When it lies in a memory-mapped checkpoint, the file's pages it was
+    read from are handed back at once: otherwise converting a whole file would hold it resident
+    beside its converted copy (1.5x the file for fp32 to bf16, where 0.5x is the goal)."""
+    if tensor.dtype == dtype:
+        return tensor
+    result = tensor.to(dtype)
+    file_pages.release(tensor)
+    return result
+
+
+class FilePages:
+    """The process's file-backed memory maps (a memory-mapped checkpoint's), read once, and a
+    way to hand a tensor's pages in them back to the kernel. Clean pages of a private file map
+    are read again from the file if touched later, so this frees memory and loses nothing.
+    Linux only; elsewhere it does nothing."""
+
+    MADV_DONTNEED = 4
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[int, int]] = []
+        self._madvise = None
+        if not sys.platform.startswith("linux"):
+            return
+        try:
+            maps = open("/proc/self/maps").read().splitlines()
+            self._madvise = ctypes.CDLL(None, use_errno=True).madvise
+        except (OSError, AttributeError):
+            return
+        self._madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/") and not fields[5].startswith("/dev/"):
+                low, high = (int(address, 16) for address in fields[0].split("-"))
+                self.ranges.append((low, high))
+
+    def release(self, tensor: torch.Tensor) -> None:
+        if self._madvise is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        for low, high in self.ranges:
+            if low <= start and end <= high:
+                page = mmap.PAGESIZE
+                first, last = max(low, start - start % page), min(high, -(-end // page) * page)
+                self._madvise(first, last - first, self.MADV_DONTNEED)
+                return
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS. glibc keeps large freed blocks (here: a model's
+    random initial weights, replaced by the file's) resident otherwise, which doubles the
+    peak memory of loading once the file's weights are read."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
+class _Float32(nn.Module):
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.float()
+
+
+def compute_in_fp32(model: nn.Module) -> None:
+    """Keep `model`'s half-precision parameters (half_precision_keys) stored as they are but
+    hand every layer a float32 copy of each when it reads it (a torch parametrization): half
+    the weights' memory, float32 arithmetic. For CPUs without half-precision kernels, where
+    torch's fallback for half convolutions is about 30x slower than float32; the copies cost
+    a conversion per weight per use."""
+    keys = half_precision_keys(model)
+    for prefix, module in list(model.named_modules()):
+        for name, _ in list(module.named_parameters(recurse=False)):
+            if (f"{prefix}.{name}" if prefix else name) in keys:
+                parametrize.register_parametrization(module, name, _Float32(), unsafe=True)
+    _map_large_blocks()
+
+
+def _map_large_blocks() -> None:
+    """Have glibc map blocks of 1 MiB and more and unmap them when freed. By default it serves
+    blocks below a threshold that grows to 32 MiB from its heap, which keeps freed memory
+    resident: the float32 copies made layer by layer then pile up (about 0.2 GiB at LAION size,
+    scripts/laion_size.py: peak 0.74x the files without this, 0.68x with it)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc
+        pass
