@@ -205,7 +205,7 @@ def _unreadable(path: Path, error: Exception) -> InputError:
         # OpenAI's released CLIP files are TorchScript archives; reading one means running it.
         return InputError(
             f"{path} is a TorchScript archive (as OpenAI's released CLIP files are), which holds code: "
-            "from a file you trust, save its weights once with python -c \"import torch; "
+            'from a file you trust, save its weights once with python -c "import torch; '
             f"torch.save(torch.jit.load('{path}', map_location='cpu').state_dict(), 'clip-state-dict.pt')\" "
             "and give that file instead"
         )

@@ -148,15 +148,3 @@ def compute_in_fp32(model: nn.Module) -> None:
         for name, _ in list(module.named_parameters(recurse=False)):
             if (f"{prefix}.{name}" if prefix else name) in keys:
                 parametrize.register_parametrization(module, name, _Float32(), unsafe=True)
-    _map_large_blocks()
-
-
-def _map_large_blocks() -> None:
-    """Have glibc map blocks of 1 MiB and more and unmap them when freed. By default it serves
-    blocks below a threshold that grows to 32 MiB from its heap, which keeps freed memory
-    resident: the float32 copies made layer by layer then pile up (about 0.2 GiB at LAION size,
-    scripts/laion_size.py: peak 0.74x the files without this, 0.68x with it)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):  # not glibc
-        pass
