@@ -7,6 +7,8 @@ The project's shipped model is trained on this world because it can be drawn fro
 from __future__ import annotations
 
 import random
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,6 +94,151 @@ def caption(scene: Scene, rng: random.Random) -> str:
 
 def _a(phrase: str) -> str:
     return f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+
+
+# -- how people phrase a request ------------------------------------------------------------
+# `caption` knows five templates; people type many more forms. `phrasing` draws from a wider
+# grammar: an opening ("a photo of"), an article or none, a size word, colour and shape
+# synonyms, the background after the thing or before it, a full stop, a typo. Openings,
+# background phrases and orders come in two disjoint sets: TRAINING's teach CLIP's text tower
+# and the prior (scripts/train_shapes.py), HELD_OUT's measure what they never saw
+# (scripts/eval_shapes.py --phrasings). Every form names the thing before the scene's extras,
+# and a form without a background means white, as in `caption`.
+
+COLOR_WORDS = {
+    "red": ("red", "scarlet", "crimson"),
+    "orange": ("orange", "tangerine"),
+    "yellow": ("yellow", "lemon yellow"),
+    "green": ("green", "emerald green"),
+    "blue": ("blue", "royal blue"),
+    "purple": ("purple", "violet"),
+    "white": ("white", "snow white"),
+    "black": ("black", "jet black"),
+}
+SHAPE_WORDS = {"circle": ("circle", "disc", "disk", "dot"), "square": ("square",), "triangle": ("triangle",)}
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "big": ("big", "large", "huge")}
+
+
+@dataclass(frozen=True)
+class Phrasings:
+    """One set of forms. `{thing}` is an article (or none), maybe a size, a colour and a shape;
+    `{bg}` a background colour word."""
+
+    openings: tuple[str, ...]
+    after: tuple[str, ...]  # background phrases that follow the thing
+    before: tuple[str, ...]  # whole forms with the background first
+
+
+TRAINING = Phrasings(
+    openings=(
+        "",
+        "a photo of",
+        "a picture of",
+        "a drawing of",
+        "an image of",
+        "a painting of",
+        "an illustration of",
+        "a sketch of",
+        "a photograph of",
+        "clip art of",
+        "a render of",
+    ),
+    after=(
+        "on a {bg} background",
+        "on {bg}",
+        ", {bg} background",
+        "against a {bg} background",
+        "on a {bg} backdrop",
+        "with a {bg} background",
+        "in front of a {bg} background",
+        "over a {bg} background",
+    ),
+    before=("on {bg}, {thing}", "{bg} background, {thing}", "a {bg} background with {thing}"),
+)
+HELD_OUT = Phrasings(
+    openings=("a close-up photo of", "a digital painting of", "show me", "draw", "a simple drawing of", "an icon of"),
+    after=(
+        "against {bg}",
+        "on top of a {bg} background",
+        "on a plain {bg} background",
+        "set against a {bg} backdrop",
+        "; the background is {bg}",
+    ),
+    before=("on a {bg} background, {thing}", "{bg} background: {thing}", "over {bg}, {thing}"),
+)
+
+
+def phrasing(
+    scene: Scene,
+    rng: random.Random,
+    forms: Phrasings = TRAINING,
+    typo_chance: float = 0.0,
+    fits: Callable[[str], bool] = lambda text: True,
+) -> str:
+    """One way a person might ask for `scene`, drawn from `forms`; `fits` turns down a form
+    (one too long for CLIP's context, say) and another is drawn."""
+    for _ in range(100):
+        text = _phrasing(scene, rng, forms, typo_chance)
+        if fits(text):
+            return text
+    return caption(scene, rng)
+
+
+def _phrasing(scene: Scene, rng: random.Random, forms: Phrasings, typo_chance: float) -> str:
+    words = [rng.choice(COLOR_WORDS[scene.color]), rng.choice(SHAPE_WORDS[scene.shape])]
+    size = "small" if scene.size < 0.4 else "big" if scene.size > 0.6 else None
+    if size and rng.random() < 0.5:
+        words.insert(0, rng.choice(SIZE_WORDS[size]))
+    thing = " ".join(words)
+    article = rng.choice(["a", "a", "a", "one", "the", ""])
+    if article == "a":
+        thing = _a(thing)
+    elif article:
+        thing = f"{article} {thing}"
+    bg = rng.choice(COLOR_WORDS[scene.background])
+    background_first = rng.random() < 0.25
+    if scene.background == DEFAULT_BACKGROUND and rng.random() < 0.3:
+        text = f"{rng.choice(forms.openings)} {thing}"
+    elif background_first:
+        text = rng.choice(forms.before).format(bg=bg, thing=thing)
+    else:
+        text = f"{rng.choice(forms.openings)} {thing} {rng.choice(forms.after).format(bg=bg)}"
+    text = " ".join(text.split()).replace(" ,", ",").replace(" ;", ";")
+    if rng.random() < 0.2:
+        text += "."
+    if rng.random() < 0.2:
+        text = text[0].upper() + text[1:]
+    return typo(text, rng) if rng.random() < typo_chance else text
+
+
+def vocabulary() -> list[str]:
+    """Every word the training captions use (`caption`'s templates and TRAINING's forms): the
+    words a config's `vocabulary` lists, so that a prompt's others are pointed out."""
+    texts = [*TRAINING.openings, *TRAINING.after, *TRAINING.before, "a an one the picture of on background"]
+    for table in (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS):
+        texts += [word for words in table.values() for word in words]
+    return sorted({word for text in texts for word in re.findall(r"[^\W\d_]+", text.format(bg="", thing=""))})
+
+
+def typo(text: str, rng: random.Random) -> str:
+    """`text` with one slip of the keyboard in one word of four letters or more: two letters
+    swapped, one dropped or one doubled."""
+    words = text.split(" ")
+    long_words = [i for i, word in enumerate(words) if len(word) >= 4 and word.isalpha()]
+    if not long_words:
+        return text
+    i = rng.choice(long_words)
+    word = words[i]
+    at = rng.randrange(1, len(word) - 1)
+    slip = rng.choice(["swap", "drop", "double"])
+    if slip == "swap":
+        word = word[: at - 1] + word[at] + word[at - 1] + word[at + 1 :]
+    elif slip == "drop":
+        word = word[:at] + word[at + 1 :]
+    else:
+        word = word[:at] + word[at] + word[at:]
+    words[i] = word
+    return " ".join(words)
 
 
 def samples(count: int, seed: int, pixels: int = 64) -> list[tuple[Image.Image, str, Scene]]:

@@ -2,12 +2,15 @@
 
     python scripts/eval_shapes.py                       # default config and its default settings
     python scripts/eval_shapes.py -c shapes --seeds 3 --json
-    python scripts/eval_shapes.py --grid docs/shapes-samples.png
+    python scripts/eval_shapes.py --grid docs/shapes-samples.png --phrasing-grid docs/shapes-phrasings.png
     python scripts/eval_shapes.py --sweep ddim:15,6 dpm++2m:15,6 dpm++2m:7,3   # quality per step budget
 
 text2im: every colour x shape x background (colour != background), captioned
 "a <colour> <shape> on a <background> background", `--seeds` images each; scored on
-foreground colour, shape and background. variation: drawn scenes, scored on keeping their
+foreground colour, shape and background. held-out phrasings: `--phrasings` drawn scenes,
+each asked for in a form the training never used (shapes.HELD_OUT: "show me a tiny violet
+disk against orange", "over black, a green triangle"), then again with a typo in each, then
+(the control) in the training's own templates; scored like text2im. variation: drawn scenes, scored on keeping their
 colour and shape. inpainting: "a <colour> <shape> on a <background> background" into the
 masked half of a plain background of that colour (the prompt describes the whole new image,
 as OpenAI's image edits ask; `--part-prompt` leaves the background out), scored on that
@@ -38,7 +41,17 @@ from dalle2_cli.config import load_config  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
-from dalle2_cli.shapes import COLORS, FILL_RATIO, SHAPES, judge, nearest_color, random_scene  # noqa: E402
+from dalle2_cli.shapes import (  # noqa: E402
+    COLORS,
+    FILL_RATIO,
+    HELD_OUT,
+    SHAPES,
+    caption,
+    judge,
+    nearest_color,
+    phrasing,
+    random_scene,
+)
 
 
 def text2im_cases() -> list[tuple[str, str, str]]:
@@ -67,23 +80,56 @@ def evaluate_text2im(manager, settings: SamplingSettings, seeds: int) -> tuple[d
     return summarize(rows, ("color_ok", "shape_ok", "background_ok")), rows
 
 
+PHRASINGS = {
+    "held-out phrasings": (HELD_OUT, False),
+    "held-out phrasings, one typo each": (HELD_OUT, True),
+    "the same scenes in the training's own templates": (None, False),
+}
+
+
+def evaluate_phrasings(manager, settings: SamplingSettings, count: int, forms=HELD_OUT, typos: bool = False) -> dict:
+    """text2im of `count` scenes, each asked for in one of `forms` (shapes.HELD_OUT: openings,
+    background phrases and orders the training never used; None: `caption`'s own templates,
+    the control), with `typos` one slip of the keyboard each; one image each, judged like
+    `evaluate_text2im`. The scenes, sizes included, are the same whatever the forms."""
+    from dalle2_cli.loading.clip import cut_off_words
+
+    rng = random.Random(2024)
+    context = manager.clip.max_text_len
+    scenes = [random_scene(rng) for _ in range(count)]
+    wording = random.Random(2025)
+    prompts = [
+        caption(scene, wording)
+        if forms is None
+        else phrasing(
+            scene, wording, forms, typo_chance=1.0 if typos else 0.0, fits=lambda t: not cut_off_words(t, context)
+        )
+        for scene in scenes
+    ]
+    made = TextToImage(manager, settings).run(prompts, num_images=1)
+    rows = [
+        {**scene_scores(scene, judge(item.image)), "prompt": item.prompt, "image": item.image}
+        for scene, item in zip(scenes, made, strict=True)
+    ]
+    return summarize(rows, ("color_ok", "shape_ok", "background_ok")), rows
+
+
+def scene_scores(scene, verdict) -> dict:
+    return {
+        "color": scene.color,
+        "shape": scene.shape,
+        "background": scene.background,
+        "color_ok": verdict.color == scene.color,
+        "shape_ok": verdict.shape == scene.shape,
+        "background_ok": verdict.background == scene.background,
+    }
+
+
 def evaluate_variation(manager, settings: SamplingSettings, count: int) -> dict:
     rng = random.Random(1234)
     scenes = [random_scene(rng) for _ in range(count)]
     made = ImageVariation(manager, settings).run([s.draw(64) for s in scenes], num_images=1)
-    rows = []
-    for scene, item in zip(scenes, made, strict=True):
-        verdict = judge(item.image)
-        rows.append(
-            {
-                "color": scene.color,
-                "shape": scene.shape,
-                "background": scene.background,
-                "color_ok": verdict.color == scene.color,
-                "shape_ok": verdict.shape == scene.shape,
-                "background_ok": verdict.background == scene.background,
-            }
-        )
+    rows = [scene_scores(scene, judge(item.image)) for scene, item in zip(scenes, made, strict=True)]
     return summarize(rows, ("color_ok", "shape_ok", "background_ok"))
 
 
@@ -165,6 +211,28 @@ def save_grid(rows: list[dict], path: str) -> None:
     grid.save(path)
 
 
+def save_captioned(rows: list[dict], path: str, count: int = 12, columns: int = 4) -> None:
+    """The first `count` images, each over its prompt, wrapped to the cell's width."""
+    from PIL import ImageDraw
+
+    cell, text_height = 160, 44
+    rows = rows[:count]
+    sheet = Image.new("RGB", (cell * columns, (cell + text_height) * -(-len(rows) // columns)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for number, row in enumerate(rows):
+        x, y = (number % columns) * cell, (number // columns) * (cell + text_height)
+        sheet.paste(row["image"].resize((cell - 8, cell - 8), Image.Resampling.NEAREST), (x + 4, y + 4))
+        lines, line = [], ""
+        for word in row["prompt"].split():
+            if line and draw.textlength(f"{line} {word}") > cell - 8:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}".strip()
+        draw.multiline_text((x + 4, y + cell), "\n".join([*lines, line][:3]), fill="black", spacing=2)
+    sheet.save(path)
+
+
 def print_table(name: str, summary: dict) -> None:
     scores = [k for k in summary if k.endswith("_accuracy")]
     print(f"\n{name}: {summary['count']} images; " + ", ".join(f"{k} {summary[k]:.1%}" for k in scores))
@@ -211,6 +279,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
+    parser.add_argument("--phrasings", type=int, default=192, help="text2im scenes asked for in held-out phrasings")
     parser.add_argument("--variations", type=int, default=48)
     parser.add_argument("--inpaintings", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=24)
@@ -224,8 +293,9 @@ def main() -> None:
         "--part-prompt", action="store_true", help="inpainting: prompts name only what to paint, not the background"
     )
     parser.add_argument("--sweep", nargs="+", metavar="SAMPLER:STEPS", help="e.g. ddim:15,6 dpm++2m:7,3")
-    parser.add_argument("--only", choices=["text2im", "variation", "inpaint"])
+    parser.add_argument("--only", choices=["text2im", "phrasings", "variation", "inpaint"])
     parser.add_argument("--grid", help="also save a grid of text2im samples to this PNG")
+    parser.add_argument("--phrasing-grid", help="also save held-out phrasings' first 12 images, captioned, to this PNG")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -250,6 +320,13 @@ def main() -> None:
         timings["text2im"] = time.time() - started
         if args.grid:
             save_grid(rows, args.grid)
+    if args.only in (None, "phrasings"):
+        for name, (forms, typos) in PHRASINGS.items():
+            started = time.time()
+            results[name], rows = evaluate_phrasings(manager, settings, args.phrasings, forms, typos)
+            if args.phrasing_grid and forms is HELD_OUT and not typos:
+                save_captioned(rows, args.phrasing_grid)
+            timings[name] = time.time() - started
     if args.only in (None, "variation"):
         started = time.time()
         results["variation"] = evaluate_variation(manager, settings, args.variations)

@@ -4,6 +4,8 @@
                                                     # (configs/shapes.json names those files)
     python scripts/train_shapes.py --resume         # go on from the last saved step
     python scripts/train_shapes.py --scale 0.05     # a quick smoke run (5 % of the steps)
+    python scripts/train_shapes.py --resume --stages clip-text,prior   # the text tower and prior
+                                                    # again, on the wider phrasings (decoders kept)
     python scripts/train_shapes.py --resume --stages decoder-base --steps decoder-base=20000 \
         --probe-every 2000      # after rm -r .shapes-train/seed0/decoder-base: a longer base
                                 # decoder from scratch (CLIP and prior kept), judged as it trains
@@ -17,6 +19,7 @@ Stages checkpoint every few minutes under --work-dir, so an interrupted run resu
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import math
 import os
@@ -44,13 +47,13 @@ from safetensors.torch import save_file  # noqa: E402
 from dalle2_cli.config import PACKAGE_DIR, load_config  # noqa: E402
 from dalle2_cli.io.atomic import atomic_path  # noqa: E402
 from dalle2_cli.io.images import to_pil  # noqa: E402
-from dalle2_cli.loading.clip import PrebuiltOpenClipAdapter, tokenize  # noqa: E402
-from dalle2_cli.shapes import caption, judge, random_scene  # noqa: E402
+from dalle2_cli.loading.clip import PrebuiltOpenClipAdapter, cut_off_words, tokenize  # noqa: E402
+from dalle2_cli.shapes import TRAINING, caption, judge, phrasing, random_scene, vocabulary  # noqa: E402
 from dalle2_cli.sources.digests import sha256_of  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "dalle2_cli" / "weights" / "shapes"
-STAGES = ("clip", "prior", "decoder-base", "decoder-upsampler")
+STAGES = ("clip", "clip-text", "prior", "decoder-base", "decoder-upsampler")
 EMBED = 64
 TEXT_LEN = 16
 TIMESTEPS = 1000
@@ -131,7 +134,8 @@ UPSAMPLER = {
 class Plan:
     pool: int = 20000  # distinct scenes drawn once; every batch is drawn from them
     clip_steps: int = 4000
-    prior_steps: int = 4000
+    clip_text_steps: int = 3000
+    prior_steps: int = 12000
     base_steps: int = 20000
     upsampler_steps: int = 600
     batch: int = 32
@@ -146,7 +150,7 @@ class Plan:
     def scaled(self, factor: float) -> Plan:
         steps = {
             k: max(2, math.ceil(getattr(self, k) * factor))
-            for k in ("pool", "clip_steps", "prior_steps", "base_steps", "upsampler_steps")
+            for k in ("pool", "clip_steps", "clip_text_steps", "prior_steps", "base_steps", "upsampler_steps")
         }
         return Plan(**{**self.__dict__, **steps})
 
@@ -155,7 +159,9 @@ class Plan:
         return Plan(**{**self.__dict__, **{STEP_FIELDS[stage]: steps for stage, steps in overrides.items()}})
 
 
-STEP_FIELDS = dict(zip(STAGES, ("clip_steps", "prior_steps", "base_steps", "upsampler_steps"), strict=True))
+STEP_FIELDS = dict(
+    zip(STAGES, ("clip_steps", "clip_text_steps", "prior_steps", "base_steps", "upsampler_steps"), strict=True)
+)
 
 
 class Pool:
@@ -163,17 +169,28 @@ class Pool:
 
     def __init__(self, size: int, seed: int):
         rng = random.Random(seed)
-        scenes = [random_scene(rng) for _ in range(size)]
+        self.scenes = scenes = [random_scene(rng) for _ in range(size)]
         self.images = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in scenes])
         self.captions = [[caption(s, rng) for _ in range(3)] for s in scenes]
         self.keys = [(s.color, s.shape, s.background) for s in scenes]
         self.image_embeds: torch.Tensor | None = None  # filled once CLIP is trained
 
-    def batch(self, count: int, seed: int) -> tuple[list[int], torch.Tensor, list[str]]:
-        """Indices, images [count, 3, 64, 64] in [0, 1], and one caption each."""
+    def batch(self, count: int, seed: int, wide: bool = False) -> tuple[list[int], torch.Tensor, list[str]]:
+        """Indices, images [count, 3, 64, 64] in [0, 1], and one caption each: one of the
+        scene's three, or with `wide` one drawn then from the wider phrasings (see `phrase`)."""
         rng = random.Random(seed)
         index = [rng.randrange(len(self.keys)) for _ in range(count)]
-        return index, self.images[index].float() / 255, [rng.choice(self.captions[i]) for i in index]
+        captions = [self.phrase(i, rng) if wide else rng.choice(self.captions[i]) for i in index]
+        return index, self.images[index].float() / 255, captions
+
+    def phrase(self, index: int, rng: random.Random) -> str:
+        """A quarter `caption`'s own templates (what the joint CLIP learned, and the prompts the
+        figures have always been measured on), the rest shapes.TRAINING's forms, one in ten with
+        a typo; never one that CLIP's context would cut."""
+        scene = self.scenes[index]
+        if rng.random() < 0.25:
+            return caption(scene, rng)
+        return phrasing(scene, rng, TRAINING, typo_chance=0.1, fits=fits_context)
 
     @torch.no_grad()
     def embed_images(self, clip) -> None:
@@ -246,11 +263,24 @@ class Stage:
 # -- CLIP ----------------------------------------------------------------------------------------
 
 
-def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> open_clip.CLIP:
-    stage = Stage("clip", work, seed)
+def fits_context(text: str) -> bool:
+    return cut_off_words(text, TEXT_LEN) is None
+
+
+def train_clip(
+    plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, joint: open_clip.CLIP | None = None
+) -> open_clip.CLIP:
+    """The joint stage (`clip`): both towers from scratch on `caption`'s templates. Given the
+    `joint` model, the `clip-text` stage: its text tower fine-tuned on the wider phrasings
+    (Pool.phrase) against its image tower, frozen. The image embeddings the decoders learned
+    from then stay as they were, so the decoders need no retraining."""
+    text_only = joint is not None
+    stage = Stage("clip-text" if text_only else "clip", work, seed)
+    steps, lr_peak = (plan.clip_text_steps, 3e-4) if text_only else (plan.clip_steps, 1e-3)
     torch.manual_seed(seed)
-    model = open_clip.CLIP(**CLIP_ARCHITECTURE)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
+    model = copy.deepcopy(joint) if text_only else open_clip.CLIP(**CLIP_ARCHITECTURE)
+    model.visual.requires_grad_(not text_only)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr_peak, weight_decay=0.05)
     state_file = stage.work / "state.pt"
     start = 0
     if resume and state_file.exists():
@@ -259,15 +289,23 @@ def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> o
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
     normalize = PrebuiltOpenClipAdapter(model, _normalize()).clip_normalize
+
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        small = F.interpolate(images, size=32, mode="bilinear", antialias=True)
+        return F.normalize(model.encode_image(normalize(small)), dim=-1)
+
+    if text_only:
+        with torch.no_grad():
+            chunks = range(0, len(pool.keys), 1000)
+            frozen = torch.cat([encode_images(pool.images[i : i + 1000].float() / 255) for i in chunks])
     started = time.time()
-    for step in range(start, plan.clip_steps):
-        lr = 1e-3 * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / plan.clip_steps))
+    for step in range(start, steps):
+        lr = lr_peak * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        index, images, captions = pool.batch(plan.clip_batch, stage.step_seed(step))
+        index, images, captions = pool.batch(plan.clip_batch, stage.step_seed(step), wide=text_only)
         keys = [pool.keys[i] for i in index]
-        images = normalize(F.interpolate(images, size=32, mode="bilinear", antialias=True))
-        image_features = F.normalize(model.encode_image(images), dim=-1)
+        image_features = frozen[index] if text_only else encode_images(images)
         text_features = F.normalize(model.encode_text(open_clip.tokenize(captions, context_length=TEXT_LEN)), dim=-1)
         logits = model.logit_scale.exp() * image_features @ text_features.T
         # Many captions in a batch describe the same thing: all of them are positives.
@@ -282,11 +320,26 @@ def train_clip(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool) -> o
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        if step % 50 == 0 or step == plan.clip_steps - 1:
-            log("clip", step + 1, plan.clip_steps, loss.item(), started)
-        last = step == plan.clip_steps - 1
+        if step % 50 == 0 or step == steps - 1:
+            log(stage.name, step + 1, steps, loss.item(), started, first=start)
+        last = step == steps - 1
         stage.save(state_file, lambda tmp, done=step + 1: torch.save(clip_state(model, optimizer, done), tmp), last)
     return model.eval()
+
+
+def load_clip_file(path: Path) -> open_clip.CLIP:
+    """A CLIP as this script saves it (half-precision safetensors), back in float32."""
+    from safetensors.torch import load_file
+
+    model = open_clip.CLIP(**CLIP_ARCHITECTURE)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
+    return model.eval()
+
+
+def save_clip_file(model: open_clip.CLIP, path: Path) -> None:
+    weights = model.state_dict().items()
+    with atomic_path(path) as tmp:
+        save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights}, tmp)
 
 
 def clip_state(model: open_clip.CLIP, optimizer: torch.optim.Optimizer, step: int) -> dict:
@@ -378,7 +431,7 @@ def train_prior(plan: Plan, pool: Pool, work: Path, seed: int, resume: bool, cli
     )
 
     def step(batch_seed: int) -> float:
-        index, _, captions = pool.batch(plan.prior_batch, batch_seed)
+        index, _, captions = pool.batch(plan.prior_batch, batch_seed, wide=True)
         with torch.no_grad():
             text_embed, text_encodings = clip.embed_text(tokenize(clip, captions))
         image_embed = pool.image_embeds[index].clone()  # the prior scales its input in place
@@ -454,6 +507,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--clip-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="start from this joint CLIP (as the clip stage saves it: .shapes-train/seed0/clip/joint.safetensors) "
+        "instead of training it",
+    )
+    parser.add_argument(
         "--record-digests",
         type=Path,
         default=None,
@@ -503,13 +564,21 @@ def main() -> None:
     stages = set(args.stages.split(","))
     if stages - set(STAGES):
         raise SystemExit(f"unknown stages {sorted(stages - set(STAGES))}; choose from {','.join(STAGES)}")
-    model = train_clip(plan, pool, work, args.seed, args.resume)  # the decoders need it too
-    if "clip" in stages:
-        weights = model.state_dict().items()
-        with atomic_path(args.out / "clip.safetensors") as tmp:
-            save_file({k: v.half().contiguous() if v.is_floating_point() else v.contiguous() for k, v in weights}, tmp)
+    # The CLIP stages run whenever a later stage needs them (a finished one resumes at its
+    # end): the decoders learn from the joint CLIP's image tower, the prior from the final
+    # text tower.
+    # The text stage starts from the joint CLIP as saved, in half precision, so that a run
+    # from --clip-from that file and a run from scratch compute the same thing.
+    joint_file = args.clip_from or work / "clip" / "joint.safetensors"
+    if not args.clip_from:
+        save_clip_file(train_clip(plan, pool, work, args.seed, args.resume), joint_file)
+    joint = load_clip_file(joint_file)
+    wants_text = stages & {"clip", "clip-text", "prior"}
+    model = train_clip(plan, pool, work, args.seed, args.resume, joint=joint) if wants_text else joint
+    if stages & {"clip", "clip-text"}:
+        save_clip_file(model, args.out / "clip.safetensors")
     clip = clip_adapter(model)
-    pool.embed_images(clip)
+    pool.embed_images(clip)  # the same image tower as the joint CLIP's
     if "prior" in stages:
         train_prior(plan, pool, work, args.seed, args.resume, clip, args.out)
     probe = Probe(clip) if args.probe_every > 0 and "decoder-base" in stages else None
@@ -533,10 +602,12 @@ def main() -> None:
 def record_digests(config_path: Path) -> None:
     """Write each model file's sha256 into the config that names it (`package://` paths, or
     paths relative to the config): a config promises its files' digests, and a retrained file
-    under a stale digest would be refused."""
+    under a stale digest would be refused. The words the captions taught go in beside them."""
     import json
 
     data = json.loads(config_path.read_text())
+    if "vocabulary" in data:
+        data["vocabulary"]["words"] = vocabulary()
     entries = [data["clip"]["load_model_from"], data["prior"]["load_model_from"]]
     entries += [source["load_model_from"] for source in data["decoder"]["unet_sources"]]
     for entry in entries:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from dalle2_cli.config import PACKAGE_DIR, load_config
 from dalle2_cli.io.atomic import current_umask
@@ -39,6 +40,13 @@ def test_a_tiny_run_writes_loadable_files_and_resumes(tmp_path):
     first = train("--out", str(out), "--work-dir", str(work), "--record-digests", str(tmp_path / "tiny-shapes.json"))
     assert first.returncode == 0, first.stderr
     assert "[decoder-upsampler]" in first.stdout and "done in" in first.stdout
+    # The text stage moved the text tower only: the decoders' image embeddings stay the joint CLIP's.
+    assert "[clip-text] step" in first.stdout
+    shipped_clip = load_file(out / "clip.safetensors")
+    joint = load_file(work / "seed0" / "clip" / "joint.safetensors")
+    assert shipped_clip.keys() == joint.keys()
+    assert all(torch.equal(shipped_clip[k], joint[k]) for k in joint if k.startswith("visual."))
+    assert any(not torch.equal(shipped_clip[k], joint[k]) for k in joint if not k.startswith("visual."))
     assert {p.name for p in out.iterdir()} == {
         "clip.safetensors",
         "prior.pth",
