@@ -157,13 +157,23 @@ def _clip_file(route: str, directory) -> dict:
         }
         saved = _saved(open_clip.CLIP(**architecture), directory / "open_clip.safetensors")
         return {"make": "open_clip", "architecture": architecture, "load_model_from": saved.model_dump()}
+    if route == "coca":
+        from coca_pytorch import CoCa
+
+        torch.save(CoCa(**COCA).state_dict(), directory / "coca.pth")  # tied weights: not safetensors
+        return {
+            "make": "coca",
+            "architecture": COCA,
+            "adapter_overrides": {"image_size": 32, "image_channels": 3, "max_text_len": 16},
+            "load_model_from": {"load_type": "local", "path": str(directory / "coca.pth")},
+        }
     from x_clip import CLIP
 
     saved = _saved(CLIP(**XCLIP), directory / "x.safetensors")
     return {"make": "x-clip", "architecture": XCLIP, "load_model_from": saved.model_dump()}
 
 
-@pytest.mark.parametrize("route", ["openai", "open_clip", "x-clip"])
+@pytest.mark.parametrize("route", ["openai", "open_clip", "x-clip", "coca"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
     """open_clip builds OpenAI-layout models with LayerNormFp32, which computes in float32: its
@@ -176,11 +186,13 @@ def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
     manager = DalleModelManager(config, dtype=dtype, log=lambda _: None)
     half = manager.clip
     assert any(p.dtype == dtype for p in half.parameters())
+    # CoCa embeds images only through an image encoder of one's own: its text side is tested.
+    embed = _embed if route != "coca" else lambda clip: clip.embed_text(tokenize(clip, ["a red circle"]))
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=manager.compute_dtype, enabled=manager.compute_dtype != torch.float32):
-        embeds = _embed(half)
+        embeds = embed(half)
     torch.manual_seed(1)
-    for low, exact in zip(embeds, _embed(full), strict=True):
+    for low, exact in zip(embeds, embed(full), strict=True):
         similarity = torch.nn.functional.cosine_similarity(low.float().flatten(1), exact.flatten(1))
         assert torch.isfinite(low).all() and similarity.min() > 0.99
 
