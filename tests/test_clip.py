@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -185,13 +186,13 @@ def test_every_clip_route_embeds_in_half_precision(tmp_path, route, dtype):
     full = DalleModelManager(config, log=lambda _: None).clip
     manager = DalleModelManager(config, dtype=dtype, log=lambda _: None)
     half = manager.clip
-    assert any(p.dtype == dtype for p in half.parameters())
     # CoCa embeds images only through an image encoder of one's own: its text side is tested.
     embed = _embed if route != "coca" else lambda clip: clip.embed_text(tokenize(clip, ["a red circle"]))
     torch.manual_seed(1)
     with torch.autocast("cpu", dtype=manager.compute_dtype, enabled=manager.compute_dtype != torch.float32):
         embeds = embed(half)
     torch.manual_seed(1)
+    assert any(p.dtype == dtype for p in half.parameters())
     for low, exact in zip(embeds, embed(full), strict=True):
         similarity = torch.nn.functional.cosine_similarity(low.float().flatten(1), exact.flatten(1))
         assert torch.isfinite(low).all() and similarity.min() > 0.99
@@ -215,17 +216,22 @@ def test_half_precision_on_a_cpu_without_its_arithmetic_computes_in_fp32(tmp_pat
     assert manager.compute_dtype == torch.float32
     assert [line for line in logs if f"this CPU has no {name} arithmetic" in line and "computed in fp32" in line]
     clip = manager.clip
-    stored = {p.dtype for p in clip.parameters()}
-    assert stored == {dtype}  # every weight of this CLIP is stored in half precision...
     layer = clip.clip.visual.conv1
-    assert layer.weight.dtype == torch.float32  # ...and read as float32 by the layer
+    original = layer.parametrizations.weight.original
+    assert original.dtype == torch.float32  # converted when the layer first runs, not before
     torch.manual_seed(1)
     embeds = _embed(clip)
-    # Exactly what a float32 CLIP with the same (half-rounded) weights computes.
+    assert original.dtype == dtype  # stored in half precision...
+    assert layer.weight.dtype == torch.float32  # ...and read as float32 by the layer
+    stored = {re.sub(r"\.parametrizations\.(\w+)\.original$", r".\1", n): p for n, p in clip.named_parameters()}
+    half_names = {name for name, parameter in stored.items() if parameter.dtype == dtype}
+    assert len(half_names) > len(list(clip.parameters())) // 2  # every layer that ran
+    # Exactly what a float32 CLIP computes with those weights half-rounded.
     rounded = DalleModelManager(config, device="cpu", log=lambda _: None).clip
     with torch.no_grad():
-        for parameter in rounded.parameters():
-            parameter.copy_(parameter.to(dtype).float())
+        for name, parameter in rounded.named_parameters():
+            if name in half_names:
+                parameter.copy_(parameter.to(dtype).float())
     torch.manual_seed(1)
     for low, exact in zip(embeds, _embed(rounded), strict=True):
         assert low.dtype == torch.float32 and torch.equal(low, exact)
@@ -234,7 +240,6 @@ def test_half_precision_on_a_cpu_without_its_arithmetic_computes_in_fp32(tmp_pat
 def test_an_openai_torchscript_file_is_refused_with_the_command_that_converts_it(tmp_path):
     """OpenAI's released CLIP files are TorchScript archives: never run here, but the message
     gives a one-line conversion, whose output loads (in half precision too)."""
-    import re
     import subprocess
     import sys
 
@@ -259,6 +264,9 @@ def test_an_openai_torchscript_file_is_refused_with_the_command_that_converts_it
     section["load_model_from"]["path"] = str(tmp_path / "clip-state-dict.pt")
     manager = DalleModelManager(ModelLoadConfig.from_dict({"clip": section}), dtype=torch.bfloat16, log=lambda _: None)
     clip = manager.clip
-    assert torch.equal(clip.clip.text_projection.float(), model.text_projection.to(torch.bfloat16).float())
     with torch.autocast("cpu", dtype=manager.compute_dtype, enabled=manager.compute_dtype != torch.float32):
         assert all(torch.isfinite(out).all() for out in _embed(clip))
+    ran = clip.clip.token_embedding  # a layer that ran: its weights were converted from the file's
+    stored = ran.parametrizations.weight.original if hasattr(ran, "parametrizations") else ran.weight
+    assert stored.dtype == torch.bfloat16
+    assert torch.equal(stored, model.token_embedding.weight.to(torch.bfloat16))

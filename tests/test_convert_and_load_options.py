@@ -105,9 +105,9 @@ def test_a_version_mismatch_is_reported(tiny_models, tmp_path):
 def test_half_precision_weights_sample_under_autocast(tiny_config, tmp_path):
     reference = images(tiny_config)
     manager = DalleModelManager(load_config(str(tiny_config)), device="cpu", log=lambda _: None, dtype=torch.bfloat16)
-    assert next(manager.decoder.unets.parameters()).dtype == torch.bfloat16
-    assert manager.decoder.noise_schedulers[0].betas.dtype == torch.float32  # schedules keep full precision
     made = TextToImage(manager, SamplingSettings(seed=9)).run(["a red circle"], num_images=2)
+    assert next(manager.decoder.unets.parameters()).dtype == torch.bfloat16  # converted as each layer ran
+    assert manager.decoder.noise_schedulers[0].betas.dtype == torch.float32  # schedules keep full precision
     for full, half in zip(reference, [np.asarray(item.image) for item in made], strict=True):
         assert np.abs(full.astype(int) - half.astype(int)).mean() < 8  # same picture, rounding aside
     result = invoke("text2im", "x", "-c", str(tiny_config), "--dtype", "fp16", "--json", "-o", str(tmp_path))

@@ -23,7 +23,13 @@ from dalle2_cli.loading.checkpoint import Checkpoint, load_weights, new_model, r
 from dalle2_cli.loading.choices import Weights
 from dalle2_cli.loading.clip import build_clip, text_encoding_dim
 from dalle2_cli.loading.devices import resolve_device
-from dalle2_cli.loading.precision import cast_parameters, compute_in_fp32, cpu_computes_in, restore_parameters
+from dalle2_cli.loading.precision import (
+    cast_parameters,
+    compute_in_fp32,
+    convert_on_first_use,
+    cpu_computes_in,
+    restore_parameters,
+)
 from dalle2_cli.loading.stitch import check_fit, read_part, stitched_config, stitched_state_dict
 from dalle2_cli.sources.resolve import is_offline, resolve_file
 
@@ -74,9 +80,12 @@ class DalleModelManager:
         # the device, as dalle2-laion did: a 1.5B decoder and a prior need not fit together.
         self.offload = self.device.type != "cpu" and not keep_resident
         self.low_memory = low_memory
-        # Loaded weights are stored in `dtype`, except with low_memory: they stay as the file
-        # has them (memory-mapped, read from disk when touched) until a stage runs.
-        self.stored_dtype = torch.float32 if low_memory else dtype
+        # Loaded weights stay as the file has them (memory-mapped, read from disk when touched)
+        # until they run: with low_memory, converted to `dtype` for each stage (see `using`);
+        # on the CPU, converted layer by layer at first use; on an accelerator, at load (it
+        # would hold the float32 copy until then).
+        self.convert_on_use = dtype != torch.float32 and self.device.type == "cpu" and not low_memory
+        self.stored_dtype = torch.float32 if low_memory or self.convert_on_use else dtype
         self.compile = compile
         self.offline = is_offline() if offline is None else offline
         self.resolve = resolve or functools.partial(resolve_file, offline=self.offline)
@@ -267,7 +276,10 @@ class DalleModelManager:
         most in it already; a CLIP open_clip downloads comes in float32)."""
         model = model.to("cpu" if self.offload else self.device).eval()
         if self.dtype != torch.float32:
-            cast_parameters(model, self.stored_dtype)
+            if self.convert_on_use:
+                convert_on_first_use(model, self.dtype)
+            else:
+                cast_parameters(model, self.stored_dtype)
             if self.compute_dtype == torch.float32:
                 compute_in_fp32(model)
         return model
