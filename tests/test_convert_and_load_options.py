@@ -139,3 +139,10 @@ def test_low_memory_holds_a_stage_in_its_precision_only_while_it_runs(tiny_confi
         assert all(p.dtype == dtype for p in weights)
         assert dtype == torch.float32 or not any(file_backed(p) for p in weights)
     assert all(p.dtype == torch.float32 and file_backed(p) for p in weights)
+
+
+def test_low_memory_and_keep_resident_are_refused_together(tiny_config, tmp_path):
+    result = invoke("text2im", "x", "-c", str(tiny_config), "--low-memory", "--keep-resident", "-o", str(tmp_path))
+    assert result.returncode != 0
+    assert "--low-memory and --keep-resident pull opposite ways: choose one" in result.stderr
+    assert "Traceback" not in result.stderr and not list(tmp_path.iterdir())
