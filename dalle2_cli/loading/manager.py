@@ -220,8 +220,11 @@ class DalleModelManager:
                 self.stored_dtype,
             )
         )
-        prior.clip = clip  # set after construction: the prior then reads CLIP's text encodings
-        return self._compiled(self._placed(prior))
+        prior = self._compiled(self._placed(prior))
+        # Set after construction (the prior then reads CLIP's text encodings) and after placing:
+        # the CLIP is placed already, and its layers must not get the prior's precision hooks twice.
+        prior.clip = clip
+        return prior
 
     def _load_decoder(self) -> Decoder:
         sources = self._require("decoder").unet_sources
