@@ -35,20 +35,25 @@ def _computes_in_fp32() -> tuple[type, ...]:
     return (LayerNormFp32,)
 
 
-def half_precision_keys(model: nn.Module) -> set[str]:
-    """The state-dict keys of the parameters that half precision stores in half: every
-    floating-point parameter but those of layers that compute in float32 themselves (their
-    weights must stay float32). Buffers (noise schedules, masks) keep their precision, since
-    sampling arithmetic needs it."""
+def _half_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
+    """(prefix, layer, names) of every layer with parameters that half precision stores in
+    half: every floating-point parameter but those of layers that compute in float32 themselves
+    (their weights must stay float32). Buffers (noise schedules, masks) keep their precision,
+    since sampling arithmetic needs it."""
     own_precision = _computes_in_fp32()
-    keys = set()
+    layers = []
     for prefix, module in model.named_modules():
         if isinstance(module, own_precision):
             continue
-        for name, parameter in module.named_parameters(prefix=prefix, recurse=False):
-            if parameter.is_floating_point():
-                keys.add(name)
-    return keys
+        names = [name for name, p in module.named_parameters(recurse=False) if p.is_floating_point()]
+        if names:
+            layers.append((prefix, module, names))
+    return layers
+
+
+def half_precision_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys of the parameters that half precision stores in half (_half_layers)."""
+    return {f"{prefix}.{name}" if prefix else name for prefix, _, names in _half_layers(model) for name in names}
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
@@ -62,30 +67,23 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def convert_on_first_use(model: nn.Module, dtype: torch.dtype) -> None:
-    """Convert each layer's half-precision parameters (half_precision_keys) to `dtype` when the
-    layer first runs (a one-shot forward pre-hook), not before. Memory-mapped weights of layers
-    that never run stay on disk: text2im never runs ViT-L/14's image tower, 0.6 GiB in bf16.
+    """Convert each layer's half-precision parameters (_half_layers) to `dtype` when the layer
+    first runs (a one-shot forward pre-hook), not before. Memory-mapped weights of layers that
+    never run stay on disk: text2im never runs ViT-L/14's image tower, 0.6 GiB in bf16.
     Parameters read other than by their own layer's forward keep the file's precision."""
-    keys = half_precision_keys(model)
-    for prefix, module in model.named_modules():
-        names = [name for name, _ in module.named_parameters(recurse=False) if _joined(prefix, name) in keys]
-        if names:
-            hook: list = []
+    file_pages = FilePages()  # the checkpoints are mapped already: read the maps once, not per layer
+    for _, layer, names in _half_layers(model):
+        handles: list = []
 
-            def convert(layer: nn.Module, args: object, names: list[str] = names, hook: list = hook) -> None:
-                file_pages = FilePages()
-                for name in names:
-                    parameter = layer._parameters.get(name)
-                    if parameter is None:  # moved by compute_in_fp32's parametrization
-                        parameter = layer.parametrizations[name].original
-                    parameter.data = converted(parameter.data, dtype, file_pages)
-                hook.pop().remove()
+        def convert(layer: nn.Module, args: object, names: list[str] = names, handles: list = handles) -> None:
+            for name in names:
+                parameter = layer._parameters.get(name)
+                if parameter is None:  # moved by compute_in_fp32's parametrization
+                    parameter = layer.parametrizations[name].original
+                parameter.data = converted(parameter.data, dtype, file_pages)
+            handles.pop().remove()
 
-            hook.append(module.register_forward_pre_hook(convert))
-
-
-def _joined(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
+        handles.append(layer.register_forward_pre_hook(convert))
 
 
 def restore_parameters(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
@@ -165,13 +163,11 @@ class _Float32(nn.Module):
 
 
 def compute_in_fp32(model: nn.Module) -> None:
-    """Keep `model`'s half-precision parameters (half_precision_keys) stored as they are but
+    """Keep `model`'s half-precision parameters (_half_layers) stored as they are but
     hand every layer a float32 copy of each when it reads it (a torch parametrization): half
     the weights' memory, float32 arithmetic. For CPUs without half-precision kernels, where
     torch's fallback for half convolutions is about 30x slower than float32; the copies cost
     a conversion per weight per use."""
-    keys = half_precision_keys(model)
-    for prefix, module in list(model.named_modules()):
-        for name, _ in list(module.named_parameters(recurse=False)):
-            if _joined(prefix, name) in keys:
-                parametrize.register_parametrization(module, name, _Float32(), unsafe=True)
+    for _, layer, names in _half_layers(model):
+        for name in names:
+            parametrize.register_parametrization(layer, name, _Float32(), unsafe=True)
