@@ -142,6 +142,7 @@ class PriorLoadConfig(_Section):
     default_sample_timesteps: int | None = Field(default=None, gt=0)
     default_cond_scale: FiniteFloat | None = None
     default_sampler: Sampler | None = None
+    default_ddim_eta: FiniteFloat | None = Field(default=None, ge=0)
 
 
 class SingleDecoderLoadConfig(_Section):
@@ -151,6 +152,7 @@ class SingleDecoderLoadConfig(_Section):
     default_sample_timesteps: list[int] | None = None
     default_cond_scale: list[FiniteFloat] | None = None
     default_sampler: Sampler | None = None  # for every unet of this source
+    default_ddim_eta: FiniteFloat | None = Field(default=None, ge=0)  # likewise
 
     @field_validator("unet_numbers")
     @classmethod

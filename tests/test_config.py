@@ -129,6 +129,11 @@ def test_per_unet_defaults_must_match_the_unet_count():
         ),
         ({"decoder": {"unet_sources": [{"unet_numbers": [1, 10**7]}]}}, "unet_numbers.1", "less than or equal to 16"),
         (
+            {"decoder": {"unet_sources": [{"unet_numbers": [1], "default_ddim_eta": -0.5}]}},
+            "decoder.unet_sources.0.default_ddim_eta",
+            "greater than or equal to 0",
+        ),
+        (
             {"prior": {"load_model_from": {"load_type": "url", "path": "https://a/b", "filename_override": "x" * 300}}},
             "filename_override",
             "at most 255",

@@ -1,5 +1,5 @@
 """The sampler and negative prompt as a user sets them: `--sampler`, `--ddim-eta`,
-`--negative-prompt`, a config's `default_sampler`; recorded in the PNG, honoured by `--from`
+`--negative-prompt`, a config's `default_sampler` and `default_ddim_eta`; recorded in the PNG, honoured by `--from`
 and `--resume`."""
 
 from __future__ import annotations
@@ -82,6 +82,9 @@ def test_a_bad_sampler_is_refused_by_name(tiny_config, tmp_path):
     with pytest.raises(SettingError, match="sampler") as refused:
         SamplingSettings(sampler="euler")
     assert refused.value.field == "sampler"
+    negative_eta = invoke("text2im", "x", "--ddim-eta", "-1", "-c", str(tiny_config), cwd=tmp_path)
+    assert negative_eta.returncode == 2
+    assert error_lines(negative_eta.stderr) == ["error: --ddim-eta must be 0 (deterministic) or more, got -1.0"]
     empty = invoke("text2im", "x", "--negative-prompt", " ", "-c", str(tiny_config), cwd=tmp_path)
     assert empty.returncode == 2 and error_lines(empty.stderr)[0].startswith("error: --negative-prompt is empty")
 
@@ -99,6 +102,27 @@ def test_a_config_chooses_each_stages_sampler(tiny_config, tmp_path):
     assert plan["decoder_sampler"] == ["ddim", "ddpm"]  # unet 1: fewer steps than trained, so DDIM
     asked = TextToImage(manager, SamplingSettings(sampler="ddim", decoder_steps=[3, 3])).plan()
     assert asked["prior_sampler"] == "ddim" and asked["decoder_sampler"] == ["ddim", "ddim"]
+
+
+def test_a_config_sets_each_stages_ddim_eta(tiny_config):
+    def edit(data: dict) -> None:
+        data["prior"]["default_ddim_eta"] = 0.0
+        data["decoder"]["unet_sources"][0]["default_ddim_eta"] = 0.5
+
+    config = edit_config(tiny_config, tiny_config.parent / "etas.json", edit)
+    manager = DalleModelManager(load_config(str(config)), log=lambda _: None)
+    plain = DalleModelManager(load_config(str(tiny_config)), log=lambda _: None)
+    base = {"seed": 2, "prior_steps": 3, "decoder_steps": [3, 3]}
+    script = TextToImage(manager, SamplingSettings(**base))
+    assert script.prior_plan().ddim_eta == 0.0
+    assert [p.ddim_eta for p in script.decoder_plans()] == [0.5, None]  # unet 2: the decoder's own
+    asked = TextToImage(manager, SamplingSettings(**base, ddim_eta=0.25))
+    assert [asked.prior_plan().ddim_eta, *(p.ddim_eta for p in asked.decoder_plans())] == [0.25, 0.25, 0.25]
+    # The config's prior eta is the one sampled with: the same as asking for it, not the default 1.
+    embed = script._sample_prior(["a red circle"], seeds=[2])[0][0]
+    same = TextToImage(plain, SamplingSettings(**base, ddim_eta=0.0))._sample_prior(["a red circle"], seeds=[2])
+    default = TextToImage(plain, SamplingSettings(**base))._sample_prior(["a red circle"], seeds=[2])
+    assert torch.equal(embed, same[0][0]) and not torch.equal(embed, default[0][0])
 
 
 def test_a_negative_prompt_steers_the_prior_and_is_recorded(tiny_config, tmp_path):

@@ -208,7 +208,13 @@ COMMON_SAMPLING = (
     option("seed", int | None, None, "--seed", help="Same seed and settings give the same images."),
     option("batch_size", int, 4, "--batch-size", help="Images sampled at once."),
     option("sampler", Sampler | None, None, "--sampler", help=SAMPLER_HELP),
-    option("ddim_eta", float | None, None, "--ddim-eta", help="ddim's noise: 0 deterministic, 1 as ddpm."),
+    option(
+        "ddim_eta",
+        float | None,
+        None,
+        "--ddim-eta",
+        help="ddim's noise for every stage: 0 deterministic, 1 as ddpm (default: the config's, else dalle2-pytorch's).",
+    ),
 )
 PRIOR_SAMPLING = (
     option("prior_steps", int | None, None, "--prior-steps", help="Prior sampling steps."),

@@ -31,6 +31,7 @@ from dalle2_cli.loading.precision import (
     restore_parameters,
 )
 from dalle2_cli.loading.stitch import check_fit, read_part, stitched_config, stitched_state_dict
+from dalle2_cli.sampling.settings import StageDefaults
 from dalle2_cli.sources.resolve import is_offline, resolve_file
 
 M = TypeVar("M", bound=torch.nn.Module)
@@ -326,22 +327,22 @@ class DalleModelManager:
 
     # -- defaults from the config -------------------------------------------------------
 
-    def prior_defaults(self) -> tuple[int | None, float | None, str | None]:
-        """The config's (sample timesteps, cond scale, sampler) for the prior; None: not set."""
+    def prior_defaults(self) -> StageDefaults:
+        """The config's sampling defaults for the prior."""
         source = self._require("prior")
-        return source.default_sample_timesteps, source.default_cond_scale, source.default_sampler
+        return StageDefaults(
+            source.default_sample_timesteps, source.default_cond_scale, source.default_sampler, source.default_ddim_eta
+        )
 
-    def decoder_defaults(self) -> list[tuple[int | None, float | None, str | None]]:
-        """The config's (sample timesteps, cond scale, sampler) for each unet; None: not set."""
+    def decoder_defaults(self) -> list[StageDefaults]:
+        """The config's sampling defaults for each unet."""
         sources = self._require("decoder").unet_sources
-        defaults: list[tuple[int | None, float | None, str | None]] = [
-            (None, None, None)
-        ] * self.config.decoder.num_unets
+        defaults = [StageDefaults()] * self.config.decoder.num_unets
         for source in sources:
             for position, number in enumerate(source.unet_numbers):
                 steps = source.default_sample_timesteps[position] if source.default_sample_timesteps else None
                 scale = source.default_cond_scale[position] if source.default_cond_scale else None
-                defaults[number - 1] = (steps, scale, source.default_sampler)
+                defaults[number - 1] = StageDefaults(steps, scale, source.default_sampler, source.default_ddim_eta)
         return defaults
 
 

@@ -127,7 +127,8 @@ class InferenceScript:
         prior = self.models.prior  # loads it: its trained steps bound the steps asked for
         trained = Trained(prior.noise_scheduler.num_timesteps, prior.can_classifier_guidance, prior.sample_timesteps)
         s = self.settings
-        return plan_stage("prior", trained, s.prior_steps, s.prior_cond_scale, s.sampler, self.models.prior_defaults())
+        defaults = self.models.prior_defaults()
+        return plan_stage("prior", trained, s.prior_steps, s.prior_cond_scale, s.sampler, defaults, "", s.ddim_eta)
 
     def decoder_plans(self) -> list[StagePlan]:
         decoder = self.models.decoder  # loads it
@@ -139,8 +140,10 @@ class InferenceScript:
             schedule = decoder.noise_schedulers[number]
             trained = Trained(schedule.num_timesteps, decoder.can_classifier_guidance, decoder.sample_timesteps[number])
             where = f"for unet {number + 1} " if count > 1 else ""
-            sampler = self.settings.sampler
-            plans.append(plan_stage("decoder", trained, steps[number], scales[number], sampler, defaults, where))
+            s = self.settings
+            plans.append(
+                plan_stage("decoder", trained, steps[number], scales[number], s.sampler, defaults, where, s.ddim_eta)
+            )
         return plans
 
     # -- CLIP ------------------------------------------------------------------------------
@@ -228,7 +231,7 @@ class InferenceScript:
             conditions = PriorConditions(text_embed, encodings if prior.condition_on_text_encodings else None)
             if negative is not None:
                 conditions.negative = negative.repeated(len(rows))
-            scheduler = make_scheduler(plan.sampler, prior.noise_scheduler, steps, PRIOR, self.settings.ddim_eta)
+            scheduler = make_scheduler(plan.sampler, prior.noise_scheduler, steps, PRIOR, plan.ddim_eta)
             noise = ImageNoise(seeds[start : start + batch_size], "prior")
             advance = lambda: self.progress.advance("prior")  # noqa: E731
             with self._precision(), self.models.using(prior):
@@ -321,7 +324,7 @@ class InferenceScript:
                     decoder.noise_schedulers[number],
                     steps[number],
                     DECODER,
-                    self.settings.ddim_eta if self.settings.ddim_eta is not None else decoder.ddim_sampling_eta,
+                    decoder.ddim_sampling_eta if plan.ddim_eta is None else plan.ddim_eta,
                     decoder.learned_variance_constrain_frac,
                 )
                 advance = lambda bar=bars[number]: self.progress.advance(bar)  # noqa: E731

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dalle2_cli.errors import InputError, SettingError
 
@@ -59,8 +59,8 @@ class SamplingSettings:
             check_seed(self.seed)
         if self.sampler is not None:
             check_sampler(self.sampler)
-        if self.ddim_eta is not None:
-            check_finite("ddim_eta", self.ddim_eta)
+        if self.ddim_eta is not None and check_finite("ddim_eta", self.ddim_eta) < 0:
+            raise SettingError("ddim_eta", f"must be 0 (deterministic) or more, got {self.ddim_eta}")
         if self.negative_prompt is not None and not self.negative_prompt.strip():
             raise SettingError("negative_prompt", "is empty: leave it out, or say what to steer away from")
         check_whole("inpaint_resample_times", self.inpaint_resample_times, 1, MAX_RESAMPLE)
@@ -79,6 +79,16 @@ class StagePlan:
     sampler: str
     steps: int
     cond_scale: float
+    ddim_eta: float | None = None  # None: the network's own (dalle2-pytorch: 1 for a prior)
+
+
+class StageDefaults(NamedTuple):
+    """What a config sets for one stage (None: not set)."""
+
+    steps: int | None = None
+    cond_scale: float | None = None
+    sampler: str | None = None
+    ddim_eta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,13 +107,14 @@ def plan_stage(
     steps: int | None,
     cond_scale: float | None,
     sampler: str | None,
-    defaults: tuple[int | None, float | None, str | None],
+    defaults: StageDefaults,
     where: str = "",
+    ddim_eta: float | None = None,
 ) -> StagePlan:
     """One stage's plan: what was asked for, else the config's default, else the network's own.
     `name` is the stage's setting prefix (`prior`, `decoder`) for messages, `where` says which
     unet ("for unet 2 ")."""
-    default_steps, default_scale, default_sampler = defaults
+    default_steps, default_scale, default_sampler, default_eta = defaults
     chosen = steps or default_steps or trained.sample_steps or trained.steps
     scale = cond_scale if cond_scale is not None else (default_scale if default_scale is not None else 1.0)
     if not 1 <= chosen <= trained.steps:
@@ -113,7 +124,7 @@ def plan_stage(
     if scale != 1.0 and not trained.guidable:
         raise SettingError(f"{name}_cond_scale", f"{where}must be 1: it was trained without conditioning dropout")
     kind = sampler or default_sampler or ("ddim" if chosen < trained.steps else "ddpm")
-    return StagePlan(check_sampler(kind), chosen, float(scale))
+    return StagePlan(check_sampler(kind), chosen, float(scale), default_eta if ddim_eta is None else ddim_eta)
 
 
 def check_whole(name: str, value: Any, low: int = 1, high: int | None = None) -> int:
