@@ -10,13 +10,14 @@ text2im: every colour x shape x background (colour != background), captioned
 foreground colour, shape and background. held-out phrasings: `--phrasings` drawn scenes,
 each asked for in a form the training never used (shapes.HELD_OUT: "show me a tiny violet
 disk against orange", "over black, a green triangle"), then again with a typo in each, then
-(the control) in the training's own templates; scored like text2im. variation: drawn scenes, scored on keeping their
-colour and shape. inpainting: "a <colour> <shape> on a <background> background" into the
-masked half of a plain background of that colour (the prompt describes the whole new image,
-as OpenAI's image edits ask; `--part-prompt` leaves the background out), scored on that
-colour covering at least 3 % of the half, on the shape its pixels
-make there (how they fill their bounding box, as the text2im judge reads shapes), and on the
-rest being kept.
+(the control) in the training's own templates; scored like text2im; then variations of the
+same scenes' drawn images, the most the decoder makes of them with no prior between (its
+ceiling). variation: drawn scenes, scored on keeping their colour and shape. inpainting:
+"a <colour> <shape> on a <background> background" into the masked half of a plain background
+of that colour (the prompt describes the whole new image, as OpenAI's image edits ask;
+`--part-prompt` leaves the background out), scored on that colour covering at least 3 % of
+the half, on the shape its pixels make there (how they fill their bounding box, as the
+text2im judge reads shapes), and on the rest being kept.
 
 `--sweep SAMPLER:STEPS ...` runs text2im and variation once per sampler and decoder steps
 (one per unet), and prints one row each with the decoder's network evaluations per image.
@@ -80,6 +81,8 @@ def evaluate_text2im(manager, settings: SamplingSettings, seeds: int) -> tuple[d
     return summarize(rows, ("color_ok", "shape_ok", "background_ok")), rows
 
 
+PHRASING_SCENES, VARIATION_SCENES = 2024, 1234  # the seeds the two sets of scenes are drawn from
+CEILING = "the same scenes from their drawn images (variation: the decoder's own ceiling)"
 PHRASINGS = {
     "held-out phrasings": (HELD_OUT, False),
     "held-out phrasings, one typo each": (HELD_OUT, True),
@@ -94,9 +97,8 @@ def evaluate_phrasings(manager, settings: SamplingSettings, count: int, forms=HE
     `evaluate_text2im`. The scenes, sizes included, are the same whatever the forms."""
     from dalle2_cli.loading.clip import cut_off_words
 
-    rng = random.Random(2024)
     context = manager.clip.max_text_len
-    scenes = [random_scene(rng) for _ in range(count)]
+    scenes = drawn_scenes(count, PHRASING_SCENES)
     wording = random.Random(2025)
     prompts = [
         caption(scene, wording)
@@ -125,9 +127,14 @@ def scene_scores(scene, verdict) -> dict:
     }
 
 
-def evaluate_variation(manager, settings: SamplingSettings, count: int) -> dict:
-    rng = random.Random(1234)
-    scenes = [random_scene(rng) for _ in range(count)]
+def drawn_scenes(count: int, seed: int) -> list:
+    rng = random.Random(seed)
+    return [random_scene(rng) for _ in range(count)]
+
+
+def evaluate_variation(manager, settings: SamplingSettings, scenes: list) -> dict:
+    """Variations of the drawn `scenes`, judged against them: the decoder from true image
+    embeddings, with no prior between."""
     made = ImageVariation(manager, settings).run([s.draw(64) for s in scenes], num_images=1)
     rows = [scene_scores(scene, judge(item.image)) for scene, item in zip(scenes, made, strict=True)]
     return summarize(rows, ("color_ok", "shape_ok", "background_ok"))
@@ -249,7 +256,7 @@ def sweep(manager, settings: SamplingSettings, args: argparse.Namespace) -> None
         chosen = dataclasses.replace(settings, sampler=sampler, decoder_steps=[int(s) for s in steps.split(",")])
         started = time.time()
         text2im, _ = evaluate_text2im(manager, chosen, args.seeds)
-        variation = evaluate_variation(manager, chosen, args.variations)
+        variation = evaluate_variation(manager, chosen, drawn_scenes(args.variations, VARIATION_SCENES))
         plans = TextToImage(manager, chosen).decoder_plans()
         rows.append(
             {
@@ -280,13 +287,14 @@ def main() -> None:
     parser.add_argument("-c", "--config", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
     parser.add_argument("--phrasings", type=int, default=192, help="text2im scenes asked for in held-out phrasings")
-    parser.add_argument("--variations", type=int, default=48)
+    parser.add_argument("--variations", type=int, default=192)
     parser.add_argument("--inpaintings", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=24)
     parser.add_argument("--prior-steps", type=int)
     parser.add_argument("--decoder-steps", type=lambda t: [int(x) for x in t.split(",")])
     parser.add_argument("--decoder-cond-scale", type=lambda t: [float(x) for x in t.split(",")])
     parser.add_argument("--prior-cond-scale", type=float)
+    parser.add_argument("--prior-candidates", type=int, help="prior embeddings drawn per image, CLIP keeping the best")
     parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++2m"])
     parser.add_argument("--resample", type=int, help="inpainting: RePaint's rounds per step")
     parser.add_argument(
@@ -307,6 +315,7 @@ def main() -> None:
         decoder_steps=args.decoder_steps,
         decoder_cond_scale=args.decoder_cond_scale,
         prior_cond_scale=args.prior_cond_scale,
+        **({"num_samples_per_batch": args.prior_candidates} if args.prior_candidates else {}),
         sampler=args.sampler,
         **({"inpaint_resample_times": args.resample} if args.resample else {}),
     )
@@ -327,9 +336,12 @@ def main() -> None:
             if args.phrasing_grid and forms is HELD_OUT and not typos:
                 save_captioned(rows, args.phrasing_grid)
             timings[name] = time.time() - started
+        started = time.time()
+        results[CEILING] = evaluate_variation(manager, settings, drawn_scenes(args.phrasings, PHRASING_SCENES))
+        timings[CEILING] = time.time() - started
     if args.only in (None, "variation"):
         started = time.time()
-        results["variation"] = evaluate_variation(manager, settings, args.variations)
+        results["variation"] = evaluate_variation(manager, settings, drawn_scenes(args.variations, VARIATION_SCENES))
         timings["variation"] = time.time() - started
     if args.only in (None, "inpaint"):
         started = time.time()
