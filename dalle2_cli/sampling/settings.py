@@ -35,7 +35,7 @@ class SamplingSettings:
     # `ddpm`, `ddim` or `dpm++2m` for every stage; None: the config's `default_sampler`, else
     # DDIM when fewer steps than trained are asked for and DDPM otherwise (dalle2-pytorch's rule).
     sampler: str | None = None
-    ddim_eta: float | None = None  # None: dalle2-pytorch's (1 for the prior, the decoder's own)
+    ddim_eta: float | None = None  # every stage; None: the config's default_ddim_eta, else dalle2-pytorch's
     negative_prompt: str | None = None  # the prior's guidance moves away from it
     inpaint_resample_times: int = 5  # RePaint's resampling of each step (dalle2-pytorch's 5)
 
