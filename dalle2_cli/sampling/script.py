@@ -128,19 +128,19 @@ class InferenceScript:
         trained = Trained(prior.noise_scheduler.num_timesteps, prior.can_classifier_guidance, prior.sample_timesteps)
         s = self.settings
         defaults = self.models.prior_defaults()
-        return plan_stage("prior", trained, s.prior_steps, s.prior_cond_scale, s.sampler, defaults, "", s.ddim_eta)
+        return plan_stage("prior", trained, s.prior_steps, s.prior_cond_scale, s.sampler, defaults, ddim_eta=s.ddim_eta)
 
     def decoder_plans(self) -> list[StagePlan]:
         decoder = self.models.decoder  # loads it
         count = decoder.num_unets
         steps = _per_unet(self.settings.decoder_steps, count, "decoder_steps")
         scales = _per_unet(self.settings.decoder_cond_scale, count, "decoder_cond_scale")
+        s = self.settings
         plans = []
         for number, defaults in enumerate(self.models.decoder_defaults()):
             schedule = decoder.noise_schedulers[number]
             trained = Trained(schedule.num_timesteps, decoder.can_classifier_guidance, decoder.sample_timesteps[number])
             where = f"for unet {number + 1} " if count > 1 else ""
-            s = self.settings
             plans.append(
                 plan_stage("decoder", trained, steps[number], scales[number], s.sampler, defaults, where, s.ddim_eta)
             )
