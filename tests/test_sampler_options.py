@@ -16,6 +16,7 @@ from dalle2_cli.errors import SettingError
 from dalle2_cli.io.output import read_metadata
 from dalle2_cli.loading.manager import DalleModelManager
 from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.schedulers import unet_scheduler
 from dalle2_cli.sampling.settings import SamplingSettings
 from tests.helpers import edit_config, error_lines, invoke
 
@@ -116,6 +117,10 @@ def test_a_config_sets_each_stages_ddim_eta(tiny_config):
     script = TextToImage(manager, SamplingSettings(**base))
     assert script.prior_plan().ddim_eta == 0.0
     assert [p.ddim_eta for p in script.decoder_plans()] == [0.5, None]  # unet 2: the decoder's own
+    decoder = manager.decoder
+    decoder.ddim_sampling_eta = 0.75  # what a decoder file may set; the shipped files keep 0
+    etas = [unet_scheduler(decoder, n, plan).eta for n, plan in enumerate(script.decoder_plans())]
+    assert etas == [0.5, 0.75]
     asked = TextToImage(manager, SamplingSettings(**base, ddim_eta=0.25))
     assert [asked.prior_plan().ddim_eta, *(p.ddim_eta for p in asked.decoder_plans())] == [0.25, 0.25, 0.25]
     # The config's prior eta is the one sampled with: the same as asking for it, not the default 1.

@@ -28,6 +28,8 @@ from typing import Any, Protocol
 
 import torch
 
+from dalle2_cli.sampling.settings import StagePlan
+
 SAMPLERS = ("ddpm", "ddim", "dpm++2m")
 PRIOR, DECODER = "prior", "decoder"  # dalle2-pytorch's DDIM differs between the two
 LAMBDA_MIN = -5.1  # DPM-Solver's clipping of the log-SNR for cosine schedules
@@ -238,3 +240,13 @@ def make_scheduler(
         raise ValueError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
     scheduler.set_timesteps(steps)
     return scheduler
+
+
+def unet_scheduler(decoder: Any, index: int, plan: StagePlan, steps: int | None = None) -> Scheduler:
+    """The scheduler unet `index` (from 0) of dalle2-pytorch's `decoder` samples with, as `plan`
+    says (`steps` in place of its steps); a plan without a DDIM eta takes the decoder's own."""
+    eta = decoder.ddim_sampling_eta if plan.ddim_eta is None else plan.ddim_eta
+    schedule = decoder.noise_schedulers[index]
+    return make_scheduler(
+        plan.sampler, schedule, steps or plan.steps, DECODER, eta, decoder.learned_variance_constrain_frac
+    )

@@ -28,7 +28,7 @@ from dalle2_cli.sampling.generated import GeneratedImage
 from dalle2_cli.sampling.loops import Inpaint, PriorConditions, UnetConditions, best_of, sample_prior, sample_unet
 from dalle2_cli.sampling.noise import ImageNoise
 from dalle2_cli.sampling.progress import NoProgress
-from dalle2_cli.sampling.schedulers import DECODER, PRIOR, make_scheduler
+from dalle2_cli.sampling.schedulers import PRIOR, make_scheduler, unet_scheduler
 from dalle2_cli.sampling.settings import SamplingSettings, StagePlan, Trained, check_finite, plan_stage
 
 
@@ -290,8 +290,8 @@ class InferenceScript:
         batches = DecoderBatches(self, embeds, text, text_encoding, sample_count, batch_size, seeds)
         batches.inpaint(inpaint_images, inpaint_image_masks, decoder.image_sizes[-1], self.settings.pad)
         bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
-        for bar, plan, unet_steps, schedule in zip(bars, plans, steps, decoder.noise_schedulers, strict=True):
-            evaluations = len(make_scheduler(plan.sampler, schedule, unet_steps, DECODER).timesteps)
+        for number, (bar, plan, unet_steps) in enumerate(zip(bars, plans, steps, strict=True)):
+            evaluations = len(unet_scheduler(decoder, number, plan, unet_steps).timesteps)
             self.progress.stage(bar, evaluations, loops=len(batches))
         results: dict[int, list[Image.Image]] = {index: [] for index in range(embeds.shape[0])}
         for batch in batches:
@@ -319,14 +319,7 @@ class InferenceScript:
         image = None
         with self._precision(), self.models.using(decoder):
             for number, plan in enumerate(plans):
-                scheduler = make_scheduler(
-                    plan.sampler,
-                    decoder.noise_schedulers[number],
-                    steps[number],
-                    DECODER,
-                    decoder.ddim_sampling_eta if plan.ddim_eta is None else plan.ddim_eta,
-                    decoder.learned_variance_constrain_frac,
-                )
+                scheduler = unet_scheduler(decoder, number, plan, steps[number])
                 advance = lambda bar=bars[number]: self.progress.advance(bar)  # noqa: E731
                 image = sample_unet(
                     decoder,
