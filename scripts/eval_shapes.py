@@ -12,7 +12,9 @@ each asked for in a form the training never used (shapes.HELD_OUT: "show me a ti
 disk against orange", "over black, a green triangle"), then again with a typo in each, then
 (the control) in the training's own templates; scored like text2im; then variations of the
 same scenes' drawn images, the most the decoder makes of them with no prior between (its
-ceiling). variation: drawn scenes, scored on keeping their colour and shape. inpainting:
+ceiling). variation: drawn scenes, scored on keeping their colour and shape; then the same
+scenes drawn at the base's size and upsampled by the last unet alone (the upsampler's ceiling,
+what it keeps of a perfect base's work). inpainting:
 "a <colour> <shape> on a <background> background" into the masked half of a plain background
 of that colour (the prompt describes the whole new image, as OpenAI's image edits ask;
 `--part-prompt` leaves the background out), scored on that colour covering at least 3 % of
@@ -39,6 +41,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dalle2_cli.config import load_config  # noqa: E402
+from dalle2_cli.io.images import to_pil  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
@@ -83,6 +86,7 @@ def evaluate_text2im(manager, settings: SamplingSettings, seeds: int) -> tuple[d
 
 PHRASING_SCENES, VARIATION_SCENES = 2024, 1234  # the seeds the two sets of scenes are drawn from
 CEILING = "the same scenes from their drawn images (variation: the decoder's own ceiling)"
+UPSAMPLER_ALONE = "the same scenes drawn at the base's size, upsampled (the upsampler's own ceiling)"
 PHRASINGS = {
     "held-out phrasings": (HELD_OUT, False),
     "held-out phrasings, one typo each": (HELD_OUT, True),
@@ -137,6 +141,42 @@ def evaluate_variation(manager, settings: SamplingSettings, scenes: list) -> dic
     embeddings, with no prior between."""
     made = ImageVariation(manager, settings).run([s.draw(64) for s in scenes], num_images=1)
     rows = [scene_scores(scene, judge(item.image)) for scene, item in zip(scenes, made, strict=True)]
+    return summarize(rows, ("color_ok", "shape_ok", "background_ok"))
+
+
+def evaluate_upsampler(manager, settings: SamplingSettings, scenes: list) -> dict:
+    """The last unet alone: the drawn `scenes` at the size the unet before it makes, resized as
+    dalle2-pytorch resizes its training images (nearest), then upsampled with the config's
+    settings and judged against them: what the upsampler keeps of a perfect base's work."""
+    import torch
+    import torch.nn.functional as F
+
+    from dalle2_cli.sampling.loops import UnetConditions, sample_unet
+    from dalle2_cli.sampling.noise import ImageNoise
+    from dalle2_cli.sampling.schedulers import unet_scheduler
+
+    decoder, last = manager.decoder, manager.decoder.num_unets - 1
+    plan = ImageVariation(manager, settings).decoder_plans()[last]
+    drawn = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in scenes]).float() / 255
+    images = []
+    for start in range(0, len(scenes), settings.batch_size):
+        batch = drawn[start : start + settings.batch_size]
+        scheduler = unet_scheduler(decoder, last, plan)
+        with torch.no_grad():
+            images.append(
+                sample_unet(
+                    decoder,
+                    last,
+                    UnetConditions(manager.clip.embed_image(batch)[0]),
+                    scheduler,
+                    ImageNoise(range(settings.seed + start, settings.seed + start + len(batch)), "decoder"),
+                    plan.cond_scale,
+                    lowres_image=F.interpolate(batch, decoder.image_sizes[last - 1], mode="nearest"),
+                    lowres_noise_level=manager.lowres_noise_levels[last],
+                )
+            )
+    made = torch.cat(images).float().clamp(0, 1)
+    rows = [scene_scores(scene, judge(to_pil(image))) for scene, image in zip(scenes, made, strict=True)]
     return summarize(rows, ("color_ok", "shape_ok", "background_ok"))
 
 
@@ -341,8 +381,12 @@ def main() -> None:
         timings[CEILING] = time.time() - started
     if args.only in (None, "variation"):
         started = time.time()
-        results["variation"] = evaluate_variation(manager, settings, drawn_scenes(args.variations, VARIATION_SCENES))
+        scenes = drawn_scenes(args.variations, VARIATION_SCENES)
+        results["variation"] = evaluate_variation(manager, settings, scenes)
         timings["variation"] = time.time() - started
+        started = time.time()
+        results[UPSAMPLER_ALONE] = evaluate_upsampler(manager, settings, scenes)
+        timings[UPSAMPLER_ALONE] = time.time() - started
     if args.only in (None, "inpaint"):
         started = time.time()
         results["inpainting"] = evaluate_inpainting(manager, settings, args.inpaintings, args.part_prompt)
