@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from dalle2_cli.config import load_config  # noqa: E402
-from dalle2_cli.io.images import to_pil  # noqa: E402
+from dalle2_cli.io.images import to_pil, to_tensor  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
@@ -155,9 +155,12 @@ def evaluate_upsampler(manager, settings: SamplingSettings, scenes: list) -> dic
     from dalle2_cli.sampling.noise import ImageNoise
     from dalle2_cli.sampling.schedulers import unet_scheduler
 
+    script = ImageVariation(manager, settings)
     decoder, last = manager.decoder, manager.decoder.num_unets - 1
-    plan = ImageVariation(manager, settings).decoder_plans()[last]
-    drawn = torch.stack([torch.from_numpy(np.array(s.draw(64))).permute(2, 0, 1) for s in scenes]).float() / 255
+    plan = script.decoder_plans()[last]
+    pictures = [s.draw(64) for s in scenes]
+    drawn = torch.stack([to_tensor(picture) for picture in pictures])
+    embeds = script._embed_images(pictures)  # as a variation embeds them (an upsampler may ignore them)
     images = []
     for start in range(0, len(scenes), settings.batch_size):
         batch = drawn[start : start + settings.batch_size]
@@ -167,7 +170,7 @@ def evaluate_upsampler(manager, settings: SamplingSettings, scenes: list) -> dic
                 sample_unet(
                     decoder,
                     last,
-                    UnetConditions(manager.clip.embed_image(batch)[0]),
+                    UnetConditions(embeds[start : start + len(batch)]),
                     scheduler,
                     ImageNoise(range(settings.seed + start, settings.seed + start + len(batch)), "decoder"),
                     plan.cond_scale,

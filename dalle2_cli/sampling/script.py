@@ -133,9 +133,9 @@ class InferenceScript:
     def decoder_plans(self) -> list[StagePlan]:
         decoder = self.models.decoder  # loads it
         count = decoder.num_unets
-        steps = _per_unet(self.settings.decoder_steps, count, "decoder_steps")
-        scales = _per_unet(self.settings.decoder_cond_scale, count, "decoder_cond_scale")
         s = self.settings
+        steps = _per_unet(s.decoder_steps, count, "decoder_steps")
+        scales = _per_unet(s.decoder_cond_scale, count, "decoder_cond_scale")
         plans = []
         for number, defaults in enumerate(self.models.decoder_defaults()):
             schedule = decoder.noise_schedulers[number]
