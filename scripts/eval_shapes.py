@@ -21,6 +21,8 @@ of that colour (the prompt describes the whole new image, as OpenAI's image edit
 the half, on the shape its pixels make there (how they fill their bounding box, as the
 text2im judge reads shapes), and on the rest being kept.
 
+`--seed N` starts every set's seeds at N instead of 0; `--rerank K` makes each text2im and
+phrasings image the best of K by CLIP, as `dalle2 text2im --rerank K` does.
 `--sweep SAMPLER:STEPS ...` runs text2im and variation once per sampler and decoder steps
 (one per unet), and prints one row each with the decoder's network evaluations per image.
 """
@@ -43,6 +45,7 @@ from PIL import Image  # noqa: E402
 from dalle2_cli.config import load_config  # noqa: E402
 from dalle2_cli.io.images import to_pil, to_tensor  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
+from dalle2_cli.sampling.manipulate import RerankedTextToImage  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
 from dalle2_cli.shapes import (  # noqa: E402
@@ -62,10 +65,18 @@ def text2im_cases() -> list[tuple[str, str, str]]:
     return [(c, s, b) for c in COLORS for s in SHAPES for b in COLORS if b != c]
 
 
-def evaluate_text2im(manager, settings: SamplingSettings, seeds: int) -> tuple[dict, list]:
+def text_to_image(manager, settings: SamplingSettings, prompts: list[str], num_images: int, rerank: int = 1) -> list:
+    """`num_images` per prompt as `dalle2 text2im` makes them; with `rerank` above 1, each the
+    best of that many by CLIP (`--rerank`)."""
+    if rerank > 1:
+        return RerankedTextToImage(manager, settings).run(prompts, num_images=num_images, candidates=rerank)
+    return TextToImage(manager, settings).run(prompts, num_images=num_images)
+
+
+def evaluate_text2im(manager, settings: SamplingSettings, seeds: int, rerank: int = 1) -> tuple[dict, list]:
     cases = text2im_cases()
     prompts = [f"a {c} {s} on a{'n' if b[0] in 'aeiou' else ''} {b} background" for c, s, b in cases]
-    made = TextToImage(manager, settings).run(prompts, num_images=seeds)
+    made = text_to_image(manager, settings, prompts, seeds, rerank)
     rows = []
     for item in made:
         color, shape, background = cases[prompts.index(item.prompt)]
@@ -94,7 +105,9 @@ PHRASINGS = {
 }
 
 
-def evaluate_phrasings(manager, settings: SamplingSettings, count: int, forms=HELD_OUT, typos: bool = False) -> dict:
+def evaluate_phrasings(
+    manager, settings: SamplingSettings, count: int, forms=HELD_OUT, typos: bool = False, rerank: int = 1
+) -> dict:
     """text2im of `count` scenes, each asked for in one of `forms` (shapes.HELD_OUT: openings,
     background phrases and orders the training never used; None: `caption`'s own templates,
     the control), with `typos` one slip of the keyboard each; one image each, judged like
@@ -112,7 +125,7 @@ def evaluate_phrasings(manager, settings: SamplingSettings, count: int, forms=HE
         )
         for scene in scenes
     ]
-    made = TextToImage(manager, settings).run(prompts, num_images=1)
+    made = text_to_image(manager, settings, prompts, 1, rerank)
     rows = [
         {**scene_scores(scene, judge(item.image)), "prompt": item.prompt, "image": item.image}
         for scene, item in zip(scenes, made, strict=True)
@@ -329,6 +342,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="shapes")
     parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
+    parser.add_argument("--seed", type=int, default=0, help="the first image's seed (image k of a prompt: seed + k)")
+    parser.add_argument(
+        "--rerank", type=int, default=1, metavar="K", help="text2im and phrasings: each image the best of K by CLIP"
+    )
     parser.add_argument("--phrasings", type=int, default=192, help="text2im scenes asked for in held-out phrasings")
     parser.add_argument("--variations", type=int, default=192)
     parser.add_argument("--inpaintings", type=int, default=96)
@@ -352,7 +369,7 @@ def main() -> None:
 
     manager = DalleModelManager(load_config(args.config), log=lambda _: None)
     settings = SamplingSettings(
-        seed=0,
+        seed=args.seed,
         batch_size=args.batch_size,
         prior_steps=args.prior_steps,
         decoder_steps=args.decoder_steps,
@@ -368,14 +385,14 @@ def main() -> None:
     results, timings = {}, {}
     if args.only in (None, "text2im"):
         started = time.time()
-        results["text2im"], rows = evaluate_text2im(manager, settings, args.seeds)
+        results["text2im"], rows = evaluate_text2im(manager, settings, args.seeds, args.rerank)
         timings["text2im"] = time.time() - started
         if args.grid:
             save_grid(rows, args.grid)
     if args.only in (None, "phrasings"):
         for name, (forms, typos) in PHRASINGS.items():
             started = time.time()
-            results[name], rows = evaluate_phrasings(manager, settings, args.phrasings, forms, typos)
+            results[name], rows = evaluate_phrasings(manager, settings, args.phrasings, forms, typos, args.rerank)
             if args.phrasing_grid and forms is HELD_OUT and not typos:
                 save_captioned(rows, args.phrasing_grid)
             timings[name] = time.time() - started
