@@ -311,7 +311,7 @@ def sweep(manager, settings: SamplingSettings, args: argparse.Namespace) -> None
         sampler, _, steps = entry.partition(":")
         chosen = dataclasses.replace(settings, sampler=sampler, decoder_steps=[int(s) for s in steps.split(",")])
         started = time.time()
-        text2im, _ = evaluate_text2im(manager, chosen, args.seeds)
+        text2im, _ = evaluate_text2im(manager, chosen, args.seeds, args.rerank)
         variation = evaluate_variation(manager, chosen, drawn_scenes(args.variations, VARIATION_SCENES))
         plans = TextToImage(manager, chosen).decoder_plans()
         rows.append(
@@ -366,6 +366,8 @@ def main() -> None:
     parser.add_argument("--phrasing-grid", help="also save held-out phrasings' first 12 images, captioned, to this PNG")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.rerank < 1:
+        parser.error(f"--rerank {args.rerank}: give K of 1 or more (1: no reranking)")
 
     manager = DalleModelManager(load_config(args.config), log=lambda _: None)
     settings = SamplingSettings(
