@@ -26,6 +26,7 @@ from pydantic import (
 
 from dalle2_cli.errors import ConfigWarning, InputError
 from dalle2_cli.io.textfiles import parse_json, read_text
+from dalle2_cli.sampling.settings import MAX_CANDIDATES
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_SCHEME = "package://"
@@ -111,6 +112,9 @@ class ClipConfig(_Section):
     architecture: dict[str, Any] | None = None
     load_model_from: File | None = None
     adapter_overrides: dict[str, Any] = Field(default_factory=dict)
+    # Text to image draws this many images for each one it keeps, CLIP keeping the closest to
+    # the prompt (DALL·E 2's reranking; `--rerank K` overrides it). Not in dalle2-laion's format.
+    default_rerank: int | None = Field(default=None, ge=1, le=MAX_CANDIDATES)
 
     @model_validator(mode="before")
     @classmethod

@@ -171,7 +171,7 @@ def _ours(manager, settings, count: int, sync) -> dict[str, Any]:
     try:
         sync()
         started = time.perf_counter()
-        made = script.run([PROMPT], num_images=count)
+        made = script.run([PROMPT], num_images=count, candidates=1)  # one sampling each, as _direct does
         sync()
         total = time.perf_counter() - started
     finally:

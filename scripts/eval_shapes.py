@@ -21,8 +21,9 @@ of that colour (the prompt describes the whole new image, as OpenAI's image edit
 the half, on the shape its pixels make there (how they fill their bounding box, as the
 text2im judge reads shapes), and on the rest being kept.
 
-`--seed N` starts every set's seeds at N instead of 0; `--rerank K` makes each text2im and
-phrasings image the best of K by CLIP, as `dalle2 text2im --rerank K` does.
+`--seed N` starts every set's seeds at N instead of 0; text2im and phrasings images are made
+as `dalle2 text2im` makes them, each the best of the config's `default_rerank` by CLIP (4 for
+shapes); `--rerank K` asks for K instead, `--rerank 1` for each image drawn once.
 `--sweep SAMPLER:STEPS ...` runs text2im and variation once per sampler and decoder steps
 (one per unet), and prints one row each with the decoder's network evaluations per image.
 """
@@ -45,7 +46,6 @@ from PIL import Image  # noqa: E402
 from dalle2_cli.config import load_config  # noqa: E402
 from dalle2_cli.io.images import to_pil, to_tensor  # noqa: E402
 from dalle2_cli.loading.manager import DalleModelManager  # noqa: E402
-from dalle2_cli.sampling.manipulate import RerankedTextToImage  # noqa: E402
 from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting, TextToImage  # noqa: E402
 from dalle2_cli.sampling.settings import SamplingSettings  # noqa: E402
 from dalle2_cli.shapes import (  # noqa: E402
@@ -65,18 +65,10 @@ def text2im_cases() -> list[tuple[str, str, str]]:
     return [(c, s, b) for c in COLORS for s in SHAPES for b in COLORS if b != c]
 
 
-def text_to_image(manager, settings: SamplingSettings, prompts: list[str], num_images: int, rerank: int = 1) -> list:
-    """`num_images` per prompt as `dalle2 text2im` makes them; with `rerank` above 1, each the
-    best of that many by CLIP (`--rerank`)."""
-    if rerank > 1:
-        return RerankedTextToImage(manager, settings).run(prompts, num_images=num_images, candidates=rerank)
-    return TextToImage(manager, settings).run(prompts, num_images=num_images)
-
-
-def evaluate_text2im(manager, settings: SamplingSettings, seeds: int, rerank: int = 1) -> tuple[dict, list]:
+def evaluate_text2im(manager, settings: SamplingSettings, seeds: int, rerank: int | None = None) -> tuple[dict, list]:
     cases = text2im_cases()
     prompts = [f"a {c} {s} on a{'n' if b[0] in 'aeiou' else ''} {b} background" for c, s, b in cases]
-    made = text_to_image(manager, settings, prompts, seeds, rerank)
+    made = TextToImage(manager, settings).run(prompts, num_images=seeds, candidates=rerank)
     rows = []
     for item in made:
         color, shape, background = cases[prompts.index(item.prompt)]
@@ -106,7 +98,7 @@ PHRASINGS = {
 
 
 def evaluate_phrasings(
-    manager, settings: SamplingSettings, count: int, forms=HELD_OUT, typos: bool = False, rerank: int = 1
+    manager, settings: SamplingSettings, count: int, forms=HELD_OUT, typos: bool = False, rerank: int | None = None
 ) -> dict:
     """text2im of `count` scenes, each asked for in one of `forms` (shapes.HELD_OUT: openings,
     background phrases and orders the training never used; None: `caption`'s own templates,
@@ -125,7 +117,7 @@ def evaluate_phrasings(
         )
         for scene in scenes
     ]
-    made = text_to_image(manager, settings, prompts, 1, rerank)
+    made = TextToImage(manager, settings).run(prompts, candidates=rerank)
     rows = [
         {**scene_scores(scene, judge(item.image)), "prompt": item.prompt, "image": item.image}
         for scene, item in zip(scenes, made, strict=True)
@@ -344,7 +336,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="text2im images per caption")
     parser.add_argument("--seed", type=int, default=0, help="the first image's seed (image k of a prompt: seed + k)")
     parser.add_argument(
-        "--rerank", type=int, default=1, metavar="K", help="text2im and phrasings: each image the best of K by CLIP"
+        "--rerank",
+        type=int,
+        metavar="K",
+        help="text2im and phrasings: each image the best of K by CLIP (default: the config's default_rerank)",
     )
     parser.add_argument("--phrasings", type=int, default=192, help="text2im scenes asked for in held-out phrasings")
     parser.add_argument("--variations", type=int, default=192)
@@ -366,7 +361,7 @@ def main() -> None:
     parser.add_argument("--phrasing-grid", help="also save held-out phrasings' first 12 images, captioned, to this PNG")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.rerank < 1:
+    if args.rerank is not None and args.rerank < 1:
         parser.error(f"--rerank {args.rerank}: give K of 1 or more (1: no reranking)")
 
     manager = DalleModelManager(load_config(args.config), log=lambda _: None)

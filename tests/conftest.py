@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_config(tiny_models) -> Path:
     return tiny_models["tracker"]
+
+
+@pytest.fixture(scope="session")
+def reranking_config(tiny_config) -> Path:
+    """The tiny models with the config asking text to image for the best of 3 by default."""
+    data = json.loads(tiny_config.read_text())
+    data["clip"]["default_rerank"] = 3
+    path = tiny_config.with_name("reranking.json")  # beside it: its model paths are relative
+    path.write_text(json.dumps(data))
+    return path
 
 
 @pytest.fixture

@@ -140,6 +140,8 @@ def test_per_unet_defaults_must_match_the_unet_count():
         ),
         ({"clip": {"make": "x-clip"}}, "clip", "architecture"),
         ({"clip": {"make": "dalle"}}, "clip.make", "'openai'"),
+        ({"clip": {"default_rerank": 0}}, "clip.default_rerank", "greater than or equal to 1"),
+        ({"clip": {"default_rerank": 1000}}, "clip.default_rerank", "less than or equal to 64"),
     ],
 )
 def test_validation_errors_name_the_field(data, location, words):

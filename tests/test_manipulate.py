@@ -247,14 +247,52 @@ def test_rerank_1_is_plain_text2im(tmp_path, tiny_config):
     args = ["text2im", "a red circle", "a blue square", "-n", "2", "--seed", "9", "--json", "-c", str(tiny_config)]
     plain = report(invoke(*args, "-o", "plain", cwd=tmp_path))
     result = invoke(*args, "-o", "one", "--rerank", "1", cwd=tmp_path)
-    reranked = report(result)
-    assert [i["seed"] for i in reranked["images"]] == [i["seed"] for i in plain["images"]] == [9, 10, 9, 10]
-    for one, other in zip(reranked["images"], plain["images"], strict=True):
+    once = report(result)
+    assert [i["seed"] for i in once["images"]] == [i["seed"] for i in plain["images"]] == [9, 10, 9, 10]
+    for one, other in zip(once["images"], plain["images"], strict=True):
         assert np.array_equal(pixels(tmp_path / one["path"]), pixels(tmp_path / other["path"]))
-        rerank = one["settings"]["rerank"]
-        assert rerank["candidates"] == 1 and rerank["kept"] == 0 and rerank["seeds"] == [one["seed"]]
-        assert rerank["score"] == rerank["scores"][0]
-    assert result.stderr.count("kept candidate 0") == 4
+        assert "rerank" not in one["settings"] and "rerank" not in other["settings"]
+    assert "candidate" not in result.stderr and "CLIP" not in result.stderr
+
+
+def test_a_configs_default_rerank_is_what_text2im_does_unless_told(tmp_path, tiny_config, reranking_config):
+    """clip.default_rerank 3 makes text2im exactly `--rerank 3` (one line says so, not a line
+    per image); --rerank 1 draws each image once; --from an image it kept makes that image."""
+    args = ["text2im", "a red circle", "-n", "2", "--seed", "9", "--json"]
+    result = invoke(*args, "-c", str(reranking_config), "-o", "default", cwd=tmp_path)
+    by_default = report(result)["images"]
+    assert [i["settings"]["rerank"]["candidates"] for i in by_default] == [3, 3]
+    assert [i["settings"]["rerank"]["image_seed"] for i in by_default] == [9, 10]
+    assert "each image is the best of 3 by CLIP (the config's default_rerank" in result.stderr
+    assert "kept candidate" not in result.stderr
+    asked = report(invoke(*args, "-c", str(tiny_config), "--rerank", "3", "-o", "asked", cwd=tmp_path))["images"]
+    assert [i["seed"] for i in asked] == [i["seed"] for i in by_default]
+    for one, other in zip(by_default, asked, strict=True):
+        assert np.array_equal(pixels(tmp_path / one["path"]), pixels(tmp_path / other["path"]))
+
+    once = report(invoke(*args, "-c", str(reranking_config), "--rerank", "1", "-o", "once", cwd=tmp_path))["images"]
+    plain = report(invoke(*args, "-c", str(tiny_config), "-o", "plain", cwd=tmp_path))["images"]
+    assert [i["seed"] for i in once] == [i["seed"] for i in plain] == [9, 10]
+    for one, other in zip(once, plain, strict=True):
+        assert "rerank" not in one["settings"]
+        assert np.array_equal(pixels(tmp_path / one["path"]), pixels(tmp_path / other["path"]))
+
+    kept = by_default[0]
+    again = report(invoke("text2im", "--from", kept["path"], "-o", "again", "--json", cwd=tmp_path))["images"]
+    assert len(again) == 1 and again[0]["seed"] == kept["seed"] and "rerank" not in again[0]["settings"]
+    assert np.array_equal(pixels(tmp_path / again[0]["path"]), pixels(tmp_path / kept["path"]))
+
+
+def test_text_to_image_from_python_takes_the_configs_default_rerank(reranking_config):
+    manager = DalleModelManager(load_config(str(reranking_config)), device="cpu", log=lambda _: None)
+    script = TextToImage(manager, SamplingSettings(seed=4))
+    assert script.candidates() == 3 and script.candidates(1) == 1
+    [best] = script.run(["a blue square"])
+    [once] = script.run(["a blue square"], candidates=1)
+    assert best.settings["rerank"]["candidates"] == 3 and "rerank" not in once.settings
+    assert best.settings["rerank"]["seeds"][0] == once.seed == 4
+    with pytest.raises(InputError, match="candidates must be from 1 to 64"):
+        script.run(["a blue square"], candidates=65)
 
 
 def test_rerank_keeps_the_candidate_clip_scores_highest(tmp_path, tiny_config, manager):

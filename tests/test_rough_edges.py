@@ -118,7 +118,10 @@ def test_the_readme_python_example_prints_no_progress_bars_and_saves_metadata(tm
     assert "it/s" not in result.stderr and "sampling loop" not in result.stderr
     assert all(line.startswith("loaded ") for line in result.stderr.splitlines()), result.stderr
     metadata = read_metadata(tmp_path / "circle-1.png")
-    assert metadata["prompt"] == "a red circle" and metadata["seed"] == 1 and metadata["command"] == "text2im"
+    assert metadata["prompt"] == "a red circle" and metadata["command"] == "text2im"
+    rerank = metadata["rerank"]  # shapes reranks 4 by default: image 1 is the best of seed 1's candidates
+    assert rerank["image_seed"] == 1 and rerank["candidates"] == 4
+    assert metadata["seed"] == rerank["seeds"][rerank["kept"]]
     assert metadata["model_sha256"]["prior"]
 
 

@@ -63,6 +63,28 @@ def test_resume_refuses_another_sampler(tiny_config, tmp_path):
     assert invoke("text2im", "a red circle", "--sampler", "ddim", *c, cwd=tmp_path).returncode == 0
 
 
+def test_resume_refuses_other_reranking(reranking_config, tmp_path):
+    """The config's default reranking counts as the setting it is: a run made with it does not
+    take images drawn once, and a run from before reranking was recorded is a run of 1."""
+    c = ("text2im", "a red circle", "-c", str(reranking_config), "-o", "run", "--resume", "--seed", "2", *STEPS)
+    assert invoke(*c, cwd=tmp_path).returncode == 0
+    refused = invoke(*c, "--rerank", "1", cwd=tmp_path)
+    assert refused.returncode == 2
+    assert error_lines(refused.stderr) == [
+        "error: run was made with --rerank 3, not 1: resume with the first run's settings "
+        "to finish it, or use another output directory"
+    ]
+    assert invoke(*c, "--rerank", "3", cwd=tmp_path).returncode == 0
+    [manifest] = (tmp_path / "run").glob("manifest-rank*.jsonl")
+    lines = manifest.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["settings"]["candidates"] == 3
+    del header["settings"]["candidates"]  # as a manifest written before reranking was recorded
+    manifest.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    assert "error: run was made with --rerank 1, not 3: " in invoke(*c, cwd=tmp_path).stderr
+    assert invoke(*c, "--rerank", "1", cwd=tmp_path).returncode == 0
+
+
 def test_ddim_eta_counts_for_ddim_only(tiny_config, tmp_path):
     c = ("text2im", "a red circle", "--seed", "1", "-c", str(tiny_config), *STEPS, "--sampler", "ddim", "--json")
     still = _made(invoke(*c, "--ddim-eta", "0", "-o", "still", cwd=tmp_path))

@@ -267,6 +267,22 @@ def test_variations_sent_together_share_a_batch_and_each_equals_its_lone_run(ser
         assert [metadata_of(image)["seed"] for image in made[number]] == [50 + number, 51 + number]
 
 
+def test_generations_are_reranked_as_the_config_asks(reranking_config, tmp_path):
+    """A config's default_rerank holds for the API too: each image the best of 3 by CLIP, the
+    one `TextToImage.run` keeps from the same seeds."""
+    with running(reranking_config, tmp_path) as server:
+        response = server.client().images.generate(
+            prompt="a red circle", n=2, response_format="b64_json", extra_body={"seed": 5}
+        )
+        images = [decoded(entry) for entry in response.data]
+        lone = TextToImage(server.service.manager, SamplingSettings(seed=5)).run(["a red circle"], 2)
+    for image, expected in zip(images, lone, strict=True):
+        metadata = metadata_of(image)
+        assert metadata["rerank"] == expected.settings["rerank"] and metadata["rerank"]["candidates"] == 3
+        assert metadata["seed"] == expected.seed
+        assert_same_image(image, expected.image)
+
+
 def test_a_full_queue_answers_429_with_retry_after(tiny_config, tmp_path):
     with running(tiny_config, tmp_path, queue_size=1, max_batch=1, window_s=0.2) as server:
         client = server.client()

@@ -15,8 +15,8 @@ import typer
 from dalle2_cli.cli.app import app
 from dalle2_cli.cli.groups import command
 from dalle2_cli.cli.options import CONFIG_ENV, Generation, ModelChoice, generation
-from dalle2_cli.errors import InputError, SettingError
-from dalle2_cli.sampling.settings import SamplingSettings
+from dalle2_cli.errors import InputError
+from dalle2_cli.sampling.settings import SamplingSettings, check_candidates
 
 
 def output_directory(path: Path) -> Path:
@@ -113,7 +113,8 @@ def text2im(
         typer.Option(
             "--rerank",
             metavar="K",
-            help="Make K candidates per image and keep the one CLIP finds closest to the prompt (scores printed).",
+            help="Make K candidates per image and keep the one CLIP finds closest to the prompt (scores printed). "
+            "Default: the config's default_rerank, else 1 (each image drawn once).",
         ),
     ] = None,
     resume: Annotated[
@@ -141,26 +142,37 @@ def text2im(
     if prompts_file is not None:
         requests += read_prompts(prompts_file)
     settings, model = generation.sampling.settings, generation.model
+    if rerank is not None:
+        check_candidates(rerank)
     if from_image is not None:
         requests, settings, model = _rerun(from_image, requests, settings, model)
+        # The image's seed is its own even if it was kept from candidates: drawn once, it comes back.
+        rerank = 1 if rerank is None else rerank
     if not requests:
         raise InputError("give a prompt, --prompts-file FILE, or --from IMAGE")
-    if rerank is not None:
-        from dalle2_cli.sampling.manipulate import MAX_CANDIDATES
-
-        if not 1 <= rerank <= MAX_CANDIDATES:
-            raise SettingError("candidates", f"must be from 1 to {MAX_CANDIDATES} per image, got {rerank}")
-    work = TextToImageWork(
-        requests, generation.sampling.num_images, rerank, after=_rerank_summaries if rerank else None
-    )
+    after = _rerank_summaries if rerank is not None else _rerank_note
+    work = TextToImageWork(requests, generation.sampling.num_images, rerank, after=after)
     generate(work, dataclasses.replace(generation, model=model), settings, resume=resume)
 
 
 def _rerank_summaries(made: list, directory: Path, say: Any) -> dict[str, Any]:
-    from dalle2_cli.sampling.manipulate import rerank_summary
+    """--rerank K: a line per image, its candidates' scores."""
+    from dalle2_cli.sampling.pipelines import rerank_summary
 
     for item in made:
-        say(rerank_summary(item))
+        if line := rerank_summary(item):
+            say(line)
+    return {}
+
+
+def _rerank_note(made: list, directory: Path, say: Any) -> dict[str, Any]:
+    """The config's reranking, which the user did not ask for: one line saying so."""
+    counts = {item.settings["rerank"]["candidates"] for item in made if "rerank" in item.settings}
+    if counts:
+        say(
+            f"each image is the best of {max(counts)} by CLIP (the config's default_rerank; "
+            "--rerank 1 draws each once, --rerank K prints the scores)"
+        )
     return {}
 
 

@@ -334,6 +334,12 @@ class DalleModelManager:
             source.default_sample_timesteps, source.default_cond_scale, source.default_sampler, source.default_ddim_eta
         )
 
+    def rerank_default(self) -> int:
+        """Images text to image draws for each one it keeps: the config's `clip.default_rerank`,
+        else 1 (no reranking)."""
+        clip = self.config.clip
+        return clip.default_rerank if clip is not None and clip.default_rerank is not None else 1
+
     def decoder_defaults(self) -> list[StageDefaults]:
         """The config's sampling defaults for each unet."""
         sources = self._require("decoder").unet_sources

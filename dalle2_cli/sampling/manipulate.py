@@ -3,14 +3,12 @@
     manager = DalleModelManager(load_config("shapes"))
     frames = Interpolation(manager, SamplingSettings(seed=1)).run(first, second, frames=8)
     frames = TextDiff(manager).run(image, "a red circle", "a blue circle", frames=6)
-    images = RerankedTextToImage(manager).run(["a red circle"], num_images=2, candidates=4)
     save_animation([f.image for f in frames], Path("out.gif"))
 
 Interpolation and text diffs (Ramesh et al. 2022, "Hierarchical Text-Conditional Image
 Generation with CLIP Latents", section 3) decode every frame with the same seed: the decoder's
 noise is then the same for all of them (dalle2_cli.sampling.noise), so the frames differ only where
-their embeddings do. Reranking draws several candidates per image and keeps the one whose
-CLIP image embedding is closest to the prompt's text embedding.
+their embeddings do. Reranking is `TextToImage.run`'s `candidates`.
 """
 
 from __future__ import annotations
@@ -21,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.errors import InputError
 from dalle2_cli.io.prompts import Prompt
 from dalle2_cli.sampling.generated import GeneratedImage
-from dalle2_cli.sampling.pipelines import TextToImage
+from dalle2_cli.sampling.pipelines import TextToImage, candidate_seed, rerank_summary
 from dalle2_cli.sampling.script import InferenceScript
 from dalle2_cli.sampling.settings import check_frames, check_text_diff
 
@@ -177,91 +175,11 @@ class TextDiff(InferenceScript):
         return difference / norm
 
 
-MAX_CANDIDATES = 64
-
-
-def candidate_seed(seed: int, candidate: int) -> int:
-    """The seed of candidate `candidate` of an image whose seed is `seed`: the image's own seed
-    for candidate 0 (so reranking 1 candidate changes nothing), otherwise a 31-bit hash of
-    both (as short as a drawn seed, for file names), unlikely to be near seed + k of the
-    neighbouring images."""
-    if candidate == 0:
-        return seed
-    # SeedSequence takes non-negative entropy only; a negative seed maps to its 64-bit pattern.
-    return int(np.random.SeedSequence([seed % 2**64, candidate]).generate_state(1, np.uint32)[0]) >> 1
-
-
 class RerankedTextToImage(TextToImage):
-    """Text to image, keeping the best of `candidates` images by CLIP image-text similarity."""
+    """Text to image that reranks whatever the config's default: `candidates` defaults to 2.
+    (`TextToImage.run(..., candidates=K)` does the same.)"""
 
-    command = "text2im"
-
-    def run(self, prompts: Sequence[str | Prompt], num_images: int = 1, candidates: int = 2) -> list[GeneratedImage]:
-        """As `TextToImage.run`; each image is the best-scoring of `candidates`, the first of
-        which is the image plain text-to-image makes with the same seed. The kept image's
-        `seed` is its own (a plain run with it and one image makes it again); its settings
-        record `rerank`: every candidate's seed and score, which was kept, and its score."""
-        if not isinstance(candidates, int) or not 1 <= candidates <= MAX_CANDIDATES:
-            raise SettingError("candidates", f"must be from 1 to {MAX_CANDIDATES} per image, got {candidates!r}")
-        # Candidate 0 is exactly the plain run (whatever seed each image gets there) ...
-        with self._held():
-            firsts = super().run(prompts, num_images)
-        # ... and the others are lone images with seeds derived from it, so each is reproducible
-        # alone and a batch of them equals them one by one (dalle2_cli.sampling.noise).
-        others: list[GeneratedImage] = []
-        if candidates > 1:
-            requests = [
-                Prompt(first.prompt or "", num_images=1, seed=candidate_seed(first.seed, j))
-                for first in firsts
-                for j in range(1, candidates)
-            ]
-            with self._held():
-                others = super().run(requests)
-        text_embeds = self._text_embeds([first.prompt or "" for first in firsts])
-        kept = []
-        for i, first in enumerate(firsts):
-            group = [first, *others[i * (candidates - 1) : (i + 1) * (candidates - 1)]]
-            scores = self._scores([g.image for g in group], text_embeds[first.prompt or ""])
-            best = max(range(candidates), key=lambda j: scores[j])  # the first of equal ones
-            rerank = {
-                "candidates": candidates,
-                "image_seed": first.seed,
-                "kept": best,
-                "score": scores[best],
-                "scores": scores,
-                "seeds": [g.seed for g in group],
-            }
-            chosen = group[best]
-            kept.append(
-                self._made(
-                    chosen.image, chosen.seed, first.index, chosen.prompt, None, {**first.settings, "rerank": rerank}
-                )
-            )
-        return kept
-
-    @torch.inference_mode()
-    def _text_embeds(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Each distinct text's unit CLIP text embedding, from one CLIP call."""
-        distinct = list(dict.fromkeys(texts))
-        embeds, _ = self._embed_text(self._tokens(distinct))
-        embeds = torch.nn.functional.normalize(embeds, dim=-1)
-        return dict(zip(distinct, embeds, strict=True))
-
-    @torch.inference_mode()
-    def _scores(self, images: Sequence[Image.Image], text_embed: torch.Tensor) -> list[float]:
-        # One image per CLIP call: a score does not depend on which images were scored with it.
-        image_embeds = torch.cat([self._embed_images([image]) for image in images])
-        image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
-        return [float(score) for score in image_embeds @ text_embed]
-
-
-def rerank_summary(item: GeneratedImage) -> str | None:
-    """One line about an image's candidates, or None if it was not reranked."""
-    rerank = item.settings.get("rerank")
-    if not rerank:
-        return None
-    scores = ", ".join(f"{score:.4f}" for score in rerank["scores"])
-    return (
-        f"rerank {item.prompt!r} image {item.index}: kept candidate {rerank['kept']} "
-        f"(score {rerank['score']:.4f}, seed {item.seed}) of {rerank['candidates']}: {scores}"
-    )
+    def run(
+        self, prompts: Sequence[str | Prompt], num_images: int = 1, candidates: int | None = 2
+    ) -> list[GeneratedImage]:
+        return super().run(prompts, num_images, candidates)

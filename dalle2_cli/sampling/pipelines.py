@@ -3,6 +3,7 @@
 manager = DalleModelManager(load_config("my-config"))
 images = TextToImage(manager).run(["a red circle"], num_images=2)
 images[0].save("circle.png")   # with its prompt, seed and settings in the PNG
+best = TextToImage(manager).run(["a red circle"], candidates=4)   # each the best of 4 by CLIP
 """
 
 from __future__ import annotations
@@ -10,22 +11,39 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.prompts import Prompt
 from dalle2_cli.sampling.generated import GeneratedImage
 from dalle2_cli.sampling.script import InferenceScript
-from dalle2_cli.sampling.settings import check_count, check_total
+from dalle2_cli.sampling.settings import check_candidates, check_count, check_total
 
 
 class TextToImage(InferenceScript):
-    """Prompts -> prior -> decoder."""
+    """Prompts -> prior -> decoder; with reranking, each image the best of several by CLIP."""
 
     command = "text2im"
 
-    def run(self, prompts: Sequence[str | Prompt], num_images: int = 1) -> list[GeneratedImage]:
-        """`num_images` per prompt, image k with the seed + k; a `Prompt` may set its own."""
+    def run(
+        self, prompts: Sequence[str | Prompt], num_images: int = 1, candidates: int | None = None
+    ) -> list[GeneratedImage]:
+        """`num_images` per prompt, image k with the seed + k; a `Prompt` may set its own.
+
+        `candidates` > 1 reranks, as DALL·E 2 does: each image is the best of that many by
+        CLIP image-text similarity, the first candidate being the image a plain run makes
+        with the same seed. The kept image's `seed` is its own (a plain run with it makes it
+        again); its settings record `rerank`: every candidate's seed and score, which was
+        kept, and its score. None takes the config's `default_rerank` (1 when it has none)."""
+        wanted = self.candidates(candidates)
+        return self._draw(prompts, num_images) if wanted == 1 else self._reranked(prompts, num_images, wanted)
+
+    def candidates(self, asked: int | None = None) -> int:
+        """Images drawn for each one kept: `asked`, else the config's default (1: no reranking)."""
+        return self.models.rerank_default() if asked is None else check_candidates(asked)
+
+    def _draw(self, prompts: Sequence[str | Prompt], num_images: int) -> list[GeneratedImage]:
         check_count(num_images)
         requests = [p if isinstance(p, Prompt) else Prompt(p) for p in prompts]
         if not requests or any(not r.text.strip() for r in requests):
@@ -57,6 +75,79 @@ class TextToImage(InferenceScript):
 
         self._sample_decoder(image_embed=flat, text=texts, batch_size=s.batch_size, seeds=flat_seeds, on_batch=finished)
         return [made[j] for j in range(len(texts))]
+
+    def _reranked(self, prompts: Sequence[str | Prompt], num_images: int, candidates: int) -> list[GeneratedImage]:
+        # Candidate 0 is exactly the plain run (whatever seed each image gets there) ...
+        with self._held():
+            firsts = self._draw(prompts, num_images)
+        # ... and the others are lone images with seeds derived from it, so each is reproducible
+        # alone and a batch of them equals them one by one (dalle2_cli.sampling.noise).
+        requests = [
+            Prompt(first.prompt or "", num_images=1, seed=candidate_seed(first.seed, j))
+            for first in firsts
+            for j in range(1, candidates)
+        ]
+        with self._held():
+            others = self._draw(requests, 1)
+        text_embeds = self._text_embeds([first.prompt or "" for first in firsts])
+        kept = []
+        for i, first in enumerate(firsts):
+            group = [first, *others[i * (candidates - 1) : (i + 1) * (candidates - 1)]]
+            scores = self._scores([g.image for g in group], text_embeds[first.prompt or ""])
+            best = max(range(candidates), key=lambda j: scores[j])  # the first of equal ones
+            rerank = {
+                "candidates": candidates,
+                "image_seed": first.seed,
+                "kept": best,
+                "score": scores[best],
+                "scores": scores,
+                "seeds": [g.seed for g in group],
+            }
+            chosen = group[best]
+            kept.append(
+                self._made(
+                    chosen.image, chosen.seed, first.index, chosen.prompt, None, {**first.settings, "rerank": rerank}
+                )
+            )
+        return kept
+
+    @torch.inference_mode()
+    def _text_embeds(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Each distinct text's unit CLIP text embedding, from one CLIP call."""
+        distinct = list(dict.fromkeys(texts))
+        embeds, _ = self._embed_text(self._tokens(distinct))
+        embeds = torch.nn.functional.normalize(embeds, dim=-1)
+        return dict(zip(distinct, embeds, strict=True))
+
+    @torch.inference_mode()
+    def _scores(self, images: Sequence[Image.Image], text_embed: torch.Tensor) -> list[float]:
+        # One image per CLIP call: a score does not depend on which images were scored with it.
+        image_embeds = torch.cat([self._embed_images([image]) for image in images])
+        image_embeds = torch.nn.functional.normalize(image_embeds, dim=-1)
+        return [float(score) for score in image_embeds @ text_embed]
+
+
+def candidate_seed(seed: int, candidate: int) -> int:
+    """The seed of candidate `candidate` of an image whose seed is `seed`: the image's own seed
+    for candidate 0 (so reranking 1 candidate changes nothing), otherwise a 31-bit hash of
+    both (as short as a drawn seed, for file names), unlikely to be near seed + k of the
+    neighbouring images."""
+    if candidate == 0:
+        return seed
+    # SeedSequence takes non-negative entropy only; a negative seed maps to its 64-bit pattern.
+    return int(np.random.SeedSequence([seed % 2**64, candidate]).generate_state(1, np.uint32)[0]) >> 1
+
+
+def rerank_summary(item: GeneratedImage) -> str | None:
+    """One line about an image's candidates, or None if it was not reranked."""
+    rerank = item.settings.get("rerank")
+    if not rerank:
+        return None
+    scores = ", ".join(f"{score:.4f}" for score in rerank["scores"])
+    return (
+        f"rerank {item.prompt!r} image {item.index}: kept candidate {rerank['kept']} "
+        f"(score {rerank['score']:.4f}, seed {item.seed}) of {rerank['candidates']}: {scores}"
+    )
 
 
 class ImageVariation(InferenceScript):

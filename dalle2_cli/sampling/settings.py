@@ -159,6 +159,18 @@ def check_total(total: int) -> None:
         raise InputError(f"this run asks for {total:,} images, more than {MAX_IMAGES:,}: split it into several runs")
 
 
+# Reranking's candidates per image: each is a whole text-to-image sample, so a typo of 1000
+# would take 1000 times as long.
+MAX_CANDIDATES = 64
+
+
+def check_candidates(candidates: Any) -> int:
+    """Images drawn for each one kept when reranking (1: no reranking)."""
+    if not isinstance(candidates, int) or isinstance(candidates, bool) or not 1 <= candidates <= MAX_CANDIDATES:
+        raise SettingError("candidates", f"must be from 1 to {MAX_CANDIDATES} per image, got {candidates!r}")
+    return candidates
+
+
 MAX_FRAMES = 1000
 
 

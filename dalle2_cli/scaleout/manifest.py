@@ -122,12 +122,16 @@ def _ends_with_newline(path: Path) -> bool:
         return file.read(1) == b"\n"
 
 
+# Settings that manifests record only since a later version, and what their absence means.
+RECORDED_LATER = {"candidates": 1}
+
+
 def check_same_settings(recorded: dict[str, Any], current: dict[str, Any], directory: Path) -> None:
     """Refuse to mix images of different settings in one directory, naming the first that differs."""
     current = json.loads(json.dumps(current))  # tuples as lists, as the manifest holds them
     finish = "resume with the first run's settings to finish it, or use another output directory"
     for key, value in current.items():
-        old = recorded.get(key)
+        old = recorded.get(key, RECORDED_LATER.get(key))
         if old == value:
             continue
         if key == "jobs":

@@ -235,6 +235,7 @@ class _Session:
             **script.plan(uses_prior=True),
             "dtype": str(manager.dtype).removeprefix("torch."),
             "model_sha256": manager.sha256(),
+            "candidates": script.candidates(self.request.work.candidates),
         }
         error = None
         if plan.recorded is not None:

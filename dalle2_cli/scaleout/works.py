@@ -31,22 +31,20 @@ class Work:
 @dataclass
 class TextToImageWork:
     """Text to image: every prompt's images in order, image k with seed + k, cut into jobs the
-    processes share; with `candidates`, each image the best of that many by CLIP (reranked)."""
+    processes share; each image the best of `candidates` by CLIP (None: the config's
+    default_rerank, see TextToImage.run)."""
 
     prompts: list[Prompt]
     num_images: int = 1
     candidates: int | None = None
     after: AfterRun | None = None
     scalable = True
-
-    @property
-    def script(self) -> str:
-        return "pipelines.TextToImage" if self.candidates is None else "manipulate.RerankedTextToImage"
+    script = "pipelines.TextToImage"
 
     def make_batch(self, script: Any, batch: Sequence[Job]) -> list:
         """The images of one batch of jobs, in job order, as one process run makes them: each
         job a prompt of one image with its own seed (so the batch's pixels are the same whatever
         process makes it)."""
         requests = [Prompt(job.prompt, 1, job.seed) for job in batch]
-        made = script.run(requests, 1) if self.candidates is None else script.run(requests, 1, self.candidates)
+        made = script.run(requests, 1, self.candidates)
         return [dataclasses.replace(item, index=job.index) for job, item in zip(batch, made, strict=True)]
