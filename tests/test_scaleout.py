@@ -216,6 +216,18 @@ def two_processes(work) -> tuple[Path, subprocess.CompletedProcess]:
     return root / "two", launch(*options, "-o", "two", "--json", cwd=root)
 
 
+def test_reranked_runs_scale_out_to_the_files_of_one(tmp_path, reranking_config):
+    """The config's default reranking under a launch: each process reranks the images it makes,
+    and the kept images are a one-process run's, candidates' seeds and scores included."""
+    options = ("a red circle", "a blue square", "-c", str(reranking_config), "-n", "3", "--seed", "5")
+    options += ("--batch-size", "2", "--prior-steps", "2", "--decoder-steps", "2", "--device", "cpu")
+    run_cli("text2im", *options, "-o", "one", "-q", cwd=tmp_path, check=True, env=ENV)
+    one = pngs(tmp_path / "one")
+    assert len(one) == 6 and all(metadata["rerank"]["candidates"] == 3 for metadata, _ in one.values())
+    launch(*options, "-o", "two", cwd=tmp_path)
+    assert_same_images(tmp_path / "two", one)
+
+
 def test_two_processes_make_the_files_of_one(work, reference, two_processes):
     root, _ = work
     _, result = two_processes

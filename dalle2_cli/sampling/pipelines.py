@@ -129,7 +129,7 @@ class TextToImage(InferenceScript):
 
 def candidate_seed(seed: int, candidate: int) -> int:
     """The seed of candidate `candidate` of an image whose seed is `seed`: the image's own seed
-    for candidate 0 (so reranking 1 candidate changes nothing), otherwise a 31-bit hash of
+    for candidate 0 (the image a plain run makes), otherwise a 31-bit hash of
     both (as short as a drawn seed, for file names), unlikely to be near seed + k of the
     neighbouring images."""
     if candidate == 0:
