@@ -47,12 +47,18 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def _too_large(path: Path, what: str, size: tuple[int, int] | None = None) -> InputError:
+def _too_large(path: str | Path, what: str, size: tuple[int, int] | None = None) -> InputError:
     dimensions = f" ({size[0]}x{size[1]}, {size[0] * size[1] / 1e6:.0f} megapixels)" if size else ""
     return InputError(
         f"{what} {path}{dimensions} is over the limit of {MAX_PIXELS / 1e6:.0f} megapixels "
         "(a guard against decompression bombs): scale it down first; the models use a few hundred pixels a side"
     )
+
+
+def check_pixels(image: Image.Image, what: str = "image", name: str | Path = "(upload)") -> None:
+    """A one-line InputError if an opened (not yet decoded) image is over MAX_PIXELS."""
+    if image.width * image.height > MAX_PIXELS:
+        raise _too_large(name, what, image.size)
 
 
 def _read(path: Path, what: str) -> Image.Image:
@@ -76,9 +82,7 @@ def read_image(source: Path | BinaryIO, what: str = "image", name: str | Path | 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as image:
-                # The size comes from the header: refuse before decoding a byte of pixels.
-                if image.width * image.height > MAX_PIXELS:
-                    raise _too_large(path, what, image.size)
+                check_pixels(image, what, path)  # from the header, before a byte of pixels is decoded
                 image.load()
                 try:
                     return ImageOps.exif_transpose(image)
@@ -121,8 +125,11 @@ def flatten_to_rgb(image: Image.Image) -> Image.Image:
     image = _eight_bit(image)
     if _has_alpha(image):
         rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*PAD_COLOR, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # The same pixels as alpha-compositing onto white, but Pillow's paste lets other
+        # threads run meanwhile (a server's event loop, while it flattens an upload).
+        flat = Image.new("RGB", rgba.size, PAD_COLOR)
+        flat.paste(rgba.convert("RGB"), mask=rgba.getchannel("A"))
+        return flat
     return image.convert("RGB")
 
 
@@ -196,13 +203,25 @@ def mask_array(
     return regenerate
 
 
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """The alpha band alone (a quarter of the pixels' bytes), or None without transparency."""
+    if not _has_alpha(image):
+        return None
+    return image.getchannel("A") if "A" in image.getbands() else image.convert("RGBA").getchannel("A")
+
+
+def has_transparent_pixels(image: Image.Image) -> bool:
+    """Whether any pixel is transparent (alpha below half), read in Pillow's C code: no array."""
+    alpha = _alpha(image)
+    return alpha is not None and alpha.getextrema()[0] < 128
+
+
 def transparent_pixels(image: Image.Image) -> np.ndarray | None:
     """Where `image` is transparent (alpha below half), or None if no pixel is: what a mask
     with transparency marks, as OpenAI's image edits read it."""
-    if not _has_alpha(image):
+    if not has_transparent_pixels(image):
         return None
-    transparent = np.asarray(image.convert("RGBA"))[..., 3] < 128
-    return transparent if transparent.any() else None
+    return np.asarray(_alpha(image)) < 128
 
 
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:
