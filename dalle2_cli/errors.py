@@ -40,6 +40,11 @@ class InputError(Dalle2Error):
     exit_code = 2
 
 
+class Cancelled(Dalle2Error):
+    """A run stopped at a step before it finished, because its caller asked (nobody waits for
+    its images any more, or a server is stopping); nothing of it was saved."""
+
+
 class ConfigWarning(UserWarning):
     """Something in a config that is ignored or doubtful, but does not stop the run."""
 

@@ -1,7 +1,10 @@
 """Progress bars for sampling: one rich bar per stage (CLIP, prior, each decoder unet), advanced
-by the sampling loops' callback once per network evaluation."""
+by the sampling loops' callback once per network evaluation. The same callback is where a run
+can be stopped from outside (`StoppableProgress`)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import (
@@ -15,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.text import Text
+
+from dalle2_cli.errors import Cancelled
 
 
 class _Speed(ProgressColumn):
@@ -36,6 +41,20 @@ class NoProgress:
 
     def advance(self, label: str, steps: int = 1) -> None:
         pass
+
+
+class StoppableProgress(NoProgress):
+    """No bars; counts the network evaluations done, and raises Cancelled at the next one once
+    `stop()` says so (a server's batch whose clients have all gone, say)."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+        self.done = 0
+
+    def advance(self, label: str, steps: int = 1) -> None:
+        self.done += steps
+        if self.stop():
+            raise Cancelled(f"stopped after {self.done} network evaluations, in the {label} stage")
 
 
 class StageProgress(NoProgress):

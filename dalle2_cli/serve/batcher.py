@@ -15,7 +15,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from dalle2_cli.errors import Dalle2Error
+from dalle2_cli.errors import Cancelled, Dalle2Error
+
+
+class Stopping(Dalle2Error):
+    """The batcher takes no more jobs: the server is stopping."""
 
 
 class QueueFull(Dalle2Error):
@@ -26,16 +30,29 @@ class QueueFull(Dalle2Error):
         self.retry_after_s = retry_after_s
 
 
+class JobFuture(Future):
+    """A job's result to come; `abandon()` when nobody waits for it any more."""
+
+    abandoned = False
+
+    def abandon(self) -> None:
+        """Drop the job if it has not started; if it runs, let its batch stop early."""
+        if not self.cancel():
+            self.abandoned = True
+
+
 @dataclass(eq=False)
 class Job:
     key: Hashable  # jobs with equal keys may share a batch
     images: int  # how many images the job asks for
     payload: Any  # what the runner needs to make them
-    future: Future = field(default_factory=Future)
+    future: JobFuture = field(default_factory=JobFuture)
     arrived: float = field(default_factory=time.monotonic)
 
 
-Runner = Callable[[Sequence[Job]], Sequence[Any]]  # one result per job, in order
+# One result per job, in order; the runner calls `stop()` as it goes and, when it says so,
+# raises Cancelled (it is passed in, so that a runner decides where it can stop cleanly).
+Runner = Callable[[Sequence[Job], Callable[[], bool]], Sequence[Any]]
 
 
 class Batcher:
@@ -48,6 +65,7 @@ class Batcher:
         self._waiting: list[Job] = []
         self._changed = threading.Condition()
         self._stopping = False
+        self._deadline = float("inf")  # once stopping: when a running batch is cancelled
         self._thread: threading.Thread | None = None
         self.batches = 0  # batches run so far (the tests and the log read it)
         self.jobs_done = 0
@@ -57,17 +75,36 @@ class Batcher:
         self._thread = threading.Thread(target=self._work, name="dalle2-batcher", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def begin_stop(self, grace_s: float = 0.0) -> None:
+        """Take no more jobs, cancel the waiting ones, and cancel a running batch at its next
+        step once `grace_s` has passed. Returns at once (see `stop`)."""
         with self._changed:
+            self._deadline = min(self._deadline, time.monotonic() + grace_s)
             self._stopping = True
             self._changed.notify_all()
-        if self._thread is not None:
-            self._thread.join()
 
-    def submit(self, key: Hashable, images: int, payload: Any) -> Future:
-        """Queue a job; its future gets the runner's result (or its error). Raises QueueFull."""
+    def stop(self, grace_s: float = 0.0, wait_s: float | None = None) -> bool:
+        """`begin_stop(grace_s)`, then wait for the worker (at most `wait_s` after the grace
+        period). Whether it has ended."""
+        self.begin_stop(grace_s)
+        if self._thread is None:
+            return True
+        left = max(0.0, self._deadline - time.monotonic())
+        self._thread.join(None if wait_s is None else left + wait_s)
+        return not self._thread.is_alive()
+
+    def hurry(self) -> None:
+        """Cancel a running batch at its next step, now. Safe from a signal handler: it only
+        assigns a number."""
+        self._deadline = float("-inf")
+
+    def submit(self, key: Hashable, images: int, payload: Any) -> JobFuture:
+        """Queue a job; its future gets the runner's result (or its error). Raises QueueFull,
+        or Stopping once the batcher stops."""
         job = Job(key, images, payload)
         with self._changed:
+            if self._stopping:
+                raise Stopping("the server is stopping: it takes no new requests")
             if len(self._waiting) >= self.queue_size:
                 # Roughly when a place frees: the batches ahead, at the last batch's pace.
                 ahead = max(1, len(self._waiting) // max(1, self.max_images))
@@ -122,9 +159,21 @@ class Batcher:
     def _images_like(self, first: Job) -> int:
         return sum(job.images for job in self._waiting if job.key == first.key)
 
+    def _stop_check(self, batch: list[Job]) -> Callable[[], bool]:
+        def stop() -> bool:
+            if all(job.future.abandoned for job in batch):
+                return True
+            return self._stopping and time.monotonic() >= self._deadline
+
+        return stop
+
     def _run(self, batch: list[Job]) -> None:
         try:
-            results = self.run(batch)
+            results = self.run(batch, self._stop_check(batch))
+        except Cancelled as error:
+            for job in batch:
+                job.future.set_exception(error)
+            return
         except Exception as error:  # noqa: BLE001 - handed to the job's caller, who reports it
             if len(batch) == 1:
                 batch[0].future.set_exception(error)
@@ -138,6 +187,6 @@ class Batcher:
 
     def _run_alone(self, job: Job) -> None:
         try:
-            job.future.set_result(self.run([job])[0])
+            job.future.set_result(self.run([job], self._stop_check([job]))[0])
         except Exception as error:  # noqa: BLE001 - as above
             job.future.set_exception(error)

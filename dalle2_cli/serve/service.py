@@ -6,7 +6,9 @@
     made[0].path                                     # the PNG, with the metadata the CLI writes
 
 The web API and the web page both go through `submit`, so they share one batcher: text to
-image requests with equal sampling settings run together (dalle2_cli.serve.batcher).
+image requests with equal sampling settings run together (dalle2_cli.serve.batcher). Each
+request's work is bounded (`max_steps` per stage), and a batch stops at its next step once
+nobody waits for it (`JobFuture.abandon`) or the service is stopping.
 """
 
 from __future__ import annotations
@@ -17,21 +19,19 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.errors import Cancelled, InputError, SettingError
 from dalle2_cli.messages import Log, stderr
 from dalle2_cli.sampling.settings import SamplingSettings, check_seed, check_whole
-from dalle2_cli.serve.batcher import Batcher, Job
+from dalle2_cli.serve.batcher import Batcher, Job, JobFuture
+from dalle2_cli.serve.limits import MAX_PER_REQUEST, MAX_PROMPT, MAX_STEPS
 
 KINDS = ("text2im", "variation", "inpaint")
-MAX_PER_REQUEST = 10  # images per request, as OpenAI's Images API allows
-MAX_PROMPT = 1000  # characters, as OpenAI's dall-e-2
 SIZES = (16, 2048)  # the square sizes a request may ask for (the output is resized)
 # What a request may set of how to sample: SamplingSettings' own fields, checked by it.
 SAMPLING_FIELDS = ("sampler", "prior_steps", "decoder_steps", "prior_cond_scale", "decoder_cond_scale")
@@ -88,6 +88,15 @@ class ImageRequest:
             raise ValueError(f"not sampling settings: {sorted(unknown)}")
         self.settings(1)  # checks the sampling fields
 
+    def steps_asked(self) -> dict[str, int]:
+        """The most steps this request asks of each stage it names: {field: steps}."""
+        asked = {}
+        for name in ("prior_steps", "decoder_steps"):
+            value = self.sampling.get(name)
+            if value is not None:
+                asked[name] = max(value) if isinstance(value, list | tuple) else value
+        return asked
+
     def settings(self, batch_size: int) -> SamplingSettings:
         given = {name: value for name, value in self.sampling.items() if value is not None}
         return SamplingSettings(**given, batch_size=batch_size, seed=self.seed)
@@ -127,14 +136,20 @@ class ImageService:
         queue_size: int = 64,
         name: str = "model",
         log: Log = stderr,
+        max_steps: int = MAX_STEPS,
+        record_paths: bool = False,
     ):
         """`load` makes the DalleModelManager (called by `start`, once); `name` is what the
-        API calls the model (the config's name)."""
+        API calls the model (the config's name). A request may ask at most `max_steps` of each
+        stage. The images record the config's and model files' names and digests; with
+        `record_paths`, their paths on this machine too (as the CLI's images do)."""
         check_whole("max_batch", max_batch, 1, 256)
         check_whole("queue_size", queue_size, 1)
+        check_whole("max_steps", max_steps, 1)
         if window_s < 0:
             raise SettingError("batch_window_ms", f"must not be negative, got {window_s * 1000:g}")
         self._load, self.directory, self.name, self.log = load, Path(directory), name, log
+        self.max_steps, self.record_paths = max_steps, record_paths
         self.batcher = Batcher(self._run, max_batch, window_s, queue_size)
         self.manager: Any = None
         self.failure: str | None = None  # why loading failed
@@ -161,13 +176,20 @@ class ImageService:
         self._ready.set()
         self.log(f"models loaded in {time.perf_counter() - started:.1f} s: serving {self.name}")
 
-    def stop(self) -> None:
-        self.batcher.stop()
+    def stop(self, grace_s: float = 0.0, wait_s: float | None = 5.0) -> bool:
+        """Take no more requests; a running batch may finish within `grace_s`, else it stops at
+        its next step. Whether the worker has ended (it is given up `wait_s` after that)."""
+        return self.batcher.stop(grace_s, wait_s)
 
-    def submit(self, request: ImageRequest) -> Future:
-        """Queue a request; the future's result is its list of Made. Raises QueueFull."""
+    def submit(self, request: ImageRequest) -> JobFuture:
+        """Queue a request; the future's result is its list of Made. Raises QueueFull, or a
+        SettingError for a request over this server's limits."""
         if not self.ready:
             raise InputError("the models are still loading: try again shortly")
+        for name, steps in request.steps_asked().items():
+            if steps > self.max_steps:
+                problem = f"asks {steps} steps; this server allows at most {self.max_steps} per stage (--max-steps)"
+                raise SettingError(name, problem)
         if request.kind == "text2im" and self.manager.config.prior is None:
             raise InputError(f"{self.name} has no prior, which text to image needs")
         if request.seed is None:
@@ -179,22 +201,30 @@ class ImageService:
 
     # -- on the batcher's thread ---------------------------------------------------------------
 
-    def _run(self, jobs: Sequence[Job]) -> list[list[Made]]:
+    def _run(self, jobs: Sequence[Job], stop: Callable[[], bool]) -> list[list[Made]]:
+        """Sample the batch (stopped at a step once `stop()` says so), then save every image:
+        a cancelled batch saves nothing."""
+        from dalle2_cli.sampling.progress import StoppableProgress
+
         requests: list[ImageRequest] = [job.payload for job in jobs]
-        first = requests[0]
-        if first.kind == "text2im":
-            made = self._text_to_image(requests)
-        elif first.kind == "variation":
-            made = self._variations(requests)
-        else:
-            made = [self._inpaint(first)]
+        first, progress = requests[0], StoppableProgress(stop)
+        try:
+            if first.kind == "text2im":
+                made = self._text_to_image(requests, progress)
+            elif first.kind == "variation":
+                made = self._variations(requests, progress)
+            else:
+                made = [self._inpaint(first, progress)]
+        except Cancelled as cancelled:
+            self.log(f"a batch of {len(requests)} request(s) was cancelled: {cancelled}")
+            raise
         return [[self._save(item, request) for item in items] for request, items in zip(requests, made, strict=True)]
 
-    def _text_to_image(self, requests: Sequence[ImageRequest]) -> list[list[Any]]:
+    def _text_to_image(self, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
         from dalle2_cli.io.prompts import Prompt
         from dalle2_cli.sampling.pipelines import TextToImage
 
-        script = TextToImage(self.manager, requests[0].settings(self.batcher.max_images))
+        script = TextToImage(self.manager, requests[0].settings(self.batcher.max_images), progress)
         prompts = [Prompt(r.prompt, num_images=r.n, seed=r.seed) for r in requests]
         images = script.run(prompts)
         split, start = [], 0
@@ -203,20 +233,20 @@ class ImageService:
             start += request.n
         return split
 
-    def _variations(self, requests: Sequence[ImageRequest]) -> list[list[Any]]:
+    def _variations(self, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
         from dalle2_cli.sampling.pipelines import ImageVariation
 
         n = requests[0].n  # equal within a batch (see batch_key)
-        script = ImageVariation(self.manager, requests[0].settings(self.batcher.max_images))
+        script = ImageVariation(self.manager, requests[0].settings(self.batcher.max_images), progress)
         images = script.run(
             [r.image for r in requests], n, sources=[r.source for r in requests], seeds=[r.seed for r in requests]
         )
         return [images[i * n : (i + 1) * n] for i in range(len(requests))]
 
-    def _inpaint(self, request: ImageRequest) -> list[Any]:
+    def _inpaint(self, request: ImageRequest, progress: Any) -> list[Any]:
         from dalle2_cli.sampling.pipelines import Inpainting
 
-        script = Inpainting(self.manager, request.settings(self.batcher.max_images))
+        script = Inpainting(self.manager, request.settings(self.batcher.max_images), progress)
         return script.run(request.image, request.mask, request.prompt, request.n, source=request.source)
 
     def _save(self, item: Any, request: ImageRequest) -> Made:
@@ -224,5 +254,19 @@ class ImageService:
             resized = item.image.resize((request.size, request.size), Image.Resampling.LANCZOS)
             settings = {**item.settings, "resized_to": request.size, "made_at": item.image.width}
             item = dataclasses.replace(item, image=resized, settings=settings)
+        if not self.record_paths:  # a client learns the files' names and digests, not where they are
+            item = dataclasses.replace(item, provenance=without_paths(item.provenance))
         record = self._writer.write(item)
         return Made(item, Path(record["path"]))
+
+
+def without_paths(provenance: dict[str, Any]) -> dict[str, Any]:
+    """A run's provenance with each path cut to its file name (digests kept)."""
+    names = {role: Path(path).name for role, path in provenance.get("model_files", {}).items()}
+    config = provenance.get("config")
+    return {
+        **provenance,
+        "config": Path(config).name if config else config,
+        "config_path": None,
+        "model_files": names,
+    }
