@@ -17,6 +17,7 @@ from dalle2_cli.cli.guard import Terminated, say
 from dalle2_cli.cli.options import MODEL, ModelChoice
 from dalle2_cli.cli.report import Report, report
 from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.serve.limits import MAX_CONNECTIONS, MAX_STEPS, READ_TIMEOUT_S, SHUTDOWN_TIMEOUT_S
 
 API_KEY_ENV = "DALLE2_API_KEY"
 
@@ -62,23 +63,69 @@ def serve(
     queue_size: Annotated[
         int, typer.Option("--queue-size", help="Requests that may wait; more are answered 429.")
     ] = 64,
+    max_steps: Annotated[
+        int, typer.Option("--max-steps", help="Most sampling steps a request may ask of each stage (more: 400).")
+    ] = MAX_STEPS,
     output_dir: Annotated[
         Path, typer.Option("--output-dir", "-o", help="Where images are written (and served from).")
     ] = Path("served"),
     page: Annotated[bool, typer.Option("--page/--no-page", help="Serve the web page at /.")] = True,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allowed-host",
+            metavar="NAME",
+            help="Also answer to this Host name (repeat for more; * for any). Bound to loopback, only "
+            "loopback names are answered by default; bound to a network, any.",
+        ),
+    ] = None,
+    cors_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--cors-origin",
+            metavar="ORIGIN",
+            help="Let web pages of this origin (https://app.example) call the server from a browser (repeat for "
+            "more; * for any). Other sites' browser requests are refused.",
+        ),
+    ] = None,
+    read_timeout: Annotated[
+        float, typer.Option("--read-timeout", help="Seconds a request has to arrive whole; slower ones are cut off.")
+    ] = READ_TIMEOUT_S,
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Open connections at most; more are answered 503.")
+    ] = MAX_CONNECTIONS,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            help="On SIGTERM or Ctrl-C: seconds running work may take to finish before it is cancelled at its next "
+            "step (a second signal: at once).",
+        ),
+    ] = SHUTDOWN_TIMEOUT_S,
+    record_paths: Annotated[
+        bool,
+        typer.Option(
+            "--record-paths", help="Record the config's and model files' paths in served images (default: names only)."
+        ),
+    ] = False,
     *,
     model: ModelChoice,
     report: Report,
 ) -> None:
-    """Serve the models: OpenAI's Images API at /v1 and a web page at /."""
-    _needs_serve_extra()
-    import uvicorn
+    """Serve the models: OpenAI's Images API at /v1 and a web page at /.
 
+    Every way in (API, page, gradio's own routes) takes requests of at most 8 MB (images of
+    4 MB and 89 megapixels, prompts of 1000 characters, 10 images, --max-steps steps a stage).
+    """
+    _needs_serve_extra()
     from dalle2_cli.cli.generate import apply_threads
     from dalle2_cli.config import load_config
     from dalle2_cli.serve.api import create_app
+    from dalle2_cli.serve.gate import allowed_hosts
+    from dalle2_cli.serve.server import Server
     from dalle2_cli.serve.service import ImageService
 
+    _check_limits(read_timeout, max_connections, shutdown_timeout)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     # What the API calls the model: the config's name, or its file's name without ".json".
     name = Path(model.config).stem if model.config.endswith(".json") else model.config
@@ -86,28 +133,46 @@ def serve(
     apply_threads(model)
 
     load = functools.partial(_load_models, config, model, report)
-    service = ImageService(load, output_dir, max_batch, batch_window_ms / 1000, queue_size, name=name, log=report.info)
-    api = create_app(service, key, log=report.info)
+    service = ImageService(
+        load,
+        output_dir,
+        max_batch,
+        batch_window_ms / 1000,
+        queue_size,
+        name=name,
+        log=report.info,
+        max_steps=max_steps,
+        record_paths=record_paths,
+    )
+    hosts = allowed_hosts(host, allowed_host or ())
+    api = create_app(service, key, log=report.info, hosts=hosts, cors_origins=cors_origin or (), debug=report.debug)
     if page:
         from dalle2_cli.serve.web import mount_page
 
         api = mount_page(api, service, key)
     listener = _listen(host, port)
     bound = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(api, log_level="warning", access_log=False, lifespan="on"))
+    server = Server(
+        api,
+        service,
+        read_timeout_s=read_timeout,
+        max_connections=max_connections,
+        shutdown_timeout_s=shutdown_timeout,
+    )
 
     shown = f"[{host}]" if ":" in host else host
     # Always said, --quiet or not: where to reach it (with --port 0, the only way to know).
     say(f"dalle2 serve: http://{shown}:{bound} (API at /v1{', page at /' if page else ''}); loading models")
-    if key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    if key is None and hosts is None:
         report.warning(f"listening on {host} without --api-key: anyone who can reach it may use it")
     threading.Thread(target=_start, args=(service, server), name="dalle2-load", daemon=True).start()
     try:
         server.run(sockets=[listener])
     except (KeyboardInterrupt, Terminated):
-        pass  # Ctrl-C and SIGTERM are how a server is stopped: uvicorn has finished the requests
+        pass  # Ctrl-C and SIGTERM are how a server is stopped: uvicorn has stopped taking requests
     finally:
-        service.stop()
+        if not server.finish():
+            report.warning("the running batch did not stop in time: leaving it (no image of it is saved)")
         listener.close()
     if service.failure:
         raise InputError(f"the models did not load: {service.failure}")
@@ -115,6 +180,15 @@ def serve(
     report.info(f"dalle2 serve: stopped after {batcher.jobs_done} requests in {batcher.batches} batches")
     if report.json:
         report.print_json({"url": f"http://{shown}:{bound}", "requests": batcher.jobs_done, "batches": batcher.batches})
+
+
+def _check_limits(read_timeout: float, max_connections: int, shutdown_timeout: float) -> None:
+    if not read_timeout > 0:
+        raise InputError(f"--read-timeout {read_timeout:g}: give a number of seconds above 0")
+    if max_connections < 1:
+        raise InputError(f"--max-connections {max_connections}: give 1 or more")
+    if not shutdown_timeout >= 0:
+        raise InputError(f"--shutdown-timeout {shutdown_timeout:g}: give a number of seconds, 0 or more")
 
 
 def _load_models(config: Any, model: ModelChoice, report: Report) -> Any:

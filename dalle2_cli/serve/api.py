@@ -3,9 +3,12 @@
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="KEY")
     client.images.generate(prompt="a red circle", n=2, extra_body={"seed": 7})
 
-Requests are read and checked here (the body's size first, then its fields), the work is the
-service's, and every failure is answered in OpenAI's error shape with OpenAI's status codes,
-which the SDKs turn into their own exception types. A response never carries a traceback.
+Requests are read and checked here (the gate, dalle2_cli.serve.gate, has checked their
+head and capped their body), the work is the service's, and every failure under /v1 and
+/images is answered in OpenAI's error shape with OpenAI's status codes, which the SDKs turn
+into their own exception types. A response never carries a traceback. Parsing bodies, decoding
+images and encoding answers run on worker threads: the event loop only moves bytes, so
+/health and the page answer while a large upload is read.
 """
 
 from __future__ import annotations
@@ -18,30 +21,36 @@ import io
 import json
 import sys
 import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import CancelledError
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
-from dalle2_cli.errors import Dalle2Error
-from dalle2_cli.serve.batcher import QueueFull
+from dalle2_cli.errors import Cancelled, Dalle2Error
+from dalle2_cli.serve.batcher import QueueFull, Stopping
+from dalle2_cli.serve.gate import Gate
+from dalle2_cli.serve.limits import MAX_BODY, MAX_PER_REQUEST, MAX_PROMPT, MAX_UPLOAD
 from dalle2_cli.serve.service import (
-    MAX_PER_REQUEST,
-    MAX_PROMPT,
     SAMPLING_FIELDS,
     ImageRequest,
     ImageService,
     parse_size,
 )
 
-MAX_UPLOAD = 4 * 2**20  # bytes per image, as OpenAI's Images API
-# A multipart body holds up to two images and a few short fields.
-MAX_BODY = 2 * MAX_UPLOAD + 64 * 2**10
+MAX_NAME = 255  # bytes of an image's file name (the file systems' limit)
+# The methods HTTP defines; any other is refused under /v1 and /images before routing.
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
 MODEL_ALIASES = ("dall-e-2",)  # what clients written for OpenAI send; served by the loaded model
 PARAMS = {"num_images": "n"}  # the library's field names that the API spells otherwise
 
@@ -66,6 +75,19 @@ class APIError(Exception):
             kind = "server_error"
         error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
         return JSONResponse({"error": error}, status_code=self.status, headers=self.headers or None)
+
+
+def _parse_json(body: bytes) -> dict:
+    """A JSON object of parameters (on a worker thread: a body may be megabytes)."""
+    try:
+        values = json.loads(body or b"null")
+    except RecursionError:
+        raise APIError(400, "the JSON body is nested too deeply: send a flat object of parameters") from None
+    except ValueError:
+        raise APIError(400, "the body is not JSON: send the parameters as a JSON object") from None
+    if not isinstance(values, dict):
+        raise APIError(400, "the body must be a JSON object of parameters")
+    return values
 
 
 Steps = int | list[int]
@@ -109,6 +131,8 @@ class EditBody(_Common):
 def _checked(model: type[BaseModel], values: dict[str, Any]) -> Any:
     try:
         return model.model_validate(values)
+    except RecursionError:
+        raise APIError(400, "a parameter is nested too deeply: send plain values") from None
     except ValidationError as error:
         first = error.errors()[0]
         param = str(first["loc"][0]) if first["loc"] else None
@@ -121,8 +145,20 @@ def _checked(model: type[BaseModel], values: dict[str, Any]) -> Any:
         raise APIError(400, message, param, "invalid_value" if first["type"] != "missing" else "missing") from None
 
 
-def create_app(service: ImageService, api_key: str | None = None, log: Any = None) -> FastAPI:
-    """The API on `service`; with `api_key`, every /v1 call must carry it as a bearer token."""
+def create_app(
+    service: ImageService,
+    api_key: str | None = None,
+    log: Any = None,
+    *,
+    hosts: Sequence[str] | None = None,
+    cors_origins: Sequence[str] = (),
+    debug: bool = False,
+) -> FastAPI:
+    """The API on `service`; with `api_key`, every /v1 call must carry it as a bearer token.
+    Every route of the app (a page mounted on it too) is behind the gate: only `hosts` (None:
+    any) as Host, no other site's browser requests unless in `cors_origins`, bodies of at most
+    MAX_BODY bytes. A failure of the server's own is one line in the log (`debug`: its
+    traceback too)."""
     say = log or (lambda line: print(line, file=sys.stderr))
     app = FastAPI(title="dalle2-cli", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
@@ -135,12 +171,21 @@ def create_app(service: ImageService, api_key: str | None = None, log: Any = Non
     async def _http_error(request: Request, error: HTTPException) -> JSONResponse:
         return APIError(error.status_code, str(error.detail)).response()
 
+    @app.exception_handler(RequestValidationError)
+    async def _bad_parameter(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        param = str(first.get("loc", ["", None])[-1]) if first.get("loc") else None
+        return APIError(400, f"invalid '{param}': {first.get('msg', 'not understood')}", param).response()
+
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
         say(f"error: {request.method} {request.url.path}: {type(error).__name__}: {error}")
+        if debug:
+            say("".join(traceback.format_exception(error)).rstrip())
         return APIError(500, "the server failed to make the images; its log says why").response()
 
-    app.add_middleware(_RequestLog, say=say)
+    app.add_middleware(_ApiEdge, say=say)
+    app.add_middleware(Gate, hosts=hosts, cors_origins=cors_origins, max_body=MAX_BODY)
     api = _Images(service, api_key)
     _image_routes(app, api)
     _other_routes(app, api)
@@ -188,12 +233,14 @@ class _Images:
         except QueueFull as error:
             retry = {"Retry-After": f"{error.retry_after_s:.0f}"}
             raise APIError(429, str(error), code="queue_full", **retry) from None
+        except Stopping as error:
+            raise APIError(503, str(error), code="stopping") from None
         except Dalle2Error as error:
             raise APIError.of(error, 503 if not self.service.ready else 400) from None
         made = await _wait(request, future)
         if made is None:  # the client hung up: nobody to answer
             return Response(status_code=499)
-        data = [self.entry(m, fields.response_format, request) for m in made]
+        data = await run_in_threadpool(lambda: [self.entry(m, fields.response_format, request) for m in made])
         return JSONResponse({"created": int(time.time()), "data": data})
 
     def entry(self, made: Any, response_format: str, request: Request) -> dict:
@@ -208,37 +255,37 @@ def _image_routes(app: FastAPI, api: _Images) -> None:
     @app.post("/v1/images/generations")
     async def generations(request: Request) -> Response:
         api.authorize(request)
-        body = await _read_body(request)
-        try:
-            values = json.loads(body or b"null")
-        except ValueError:
-            raise APIError(400, "the body is not JSON: send the parameters as a JSON object") from None
-        if not isinstance(values, dict):
-            raise APIError(400, "the body must be a JSON object of parameters")
-        fields = _checked(GenerationBody, values)
+        _content_type(request, "application/json", "send the parameters as JSON (Content-Type: application/json)")
+        body = await request.body()
+        fields = await run_in_threadpool(lambda: _checked(GenerationBody, _parse_json(body)))
         return await api.answer(request, fields, "text2im", prompt=fields.prompt)
 
-    async def upload(request: Request, body: type[BaseModel]) -> tuple[Any, dict, Image.Image, str]:
-        """A multipart request's checked fields, its files, and its image (with its file name)."""
+    async def upload(request: Request, body: type[BaseModel]) -> tuple[Any, dict]:
+        """A multipart request's checked fields and its files."""
         api.authorize(request)
         values, files = await _form(request)
-        fields = _checked(body, values)
-        picture, source = _image(files, "image")
-        return fields, files, picture, source
+        return await run_in_threadpool(_checked, body, values), files
 
     @app.post("/v1/images/variations")
     async def variations(request: Request) -> Response:
-        fields, _, picture, source = await upload(request, VariationBody)
-        return await api.answer(request, fields, "variation", image=_rgb(picture), source=source)
+        fields, files = await upload(request, VariationBody)
+
+        def inputs() -> dict:
+            picture, source = _image(files, "image")
+            return {"image": _rgb(picture), "source": source}
+
+        return await api.answer(request, fields, "variation", **await run_in_threadpool(inputs))
 
     @app.post("/v1/images/edits")
     async def edits(request: Request) -> Response:
-        fields, files, picture, source = await upload(request, EditBody)
-        mask = _edit_mask(picture, files)
+        fields, files = await upload(request, EditBody)
+
+        def inputs() -> dict:
+            picture, source = _image(files, "image")
+            return {"mask": _edit_mask(picture, files), "image": _rgb(picture), "source": source}
+
         prompt = fields.prompt if fields.prompt and fields.prompt.strip() else None
-        return await api.answer(
-            request, fields, "inpaint", prompt=prompt, image=_rgb(picture), mask=mask, source=source
-        )
+        return await api.answer(request, fields, "inpaint", prompt=prompt, **await run_in_threadpool(inputs))
 
 
 def _other_routes(app: FastAPI, api: _Images) -> None:
@@ -263,19 +310,56 @@ def _other_routes(app: FastAPI, api: _Images) -> None:
         api.check_model(name)
         return _model_card(service)
 
-    @app.get("/images/{name:path}")  # any path under /images is answered here, never by the page
+    @app.api_route("/images/{name:path}", methods=["GET", "HEAD"])  # never answered by the page
     async def image_file(name: str, request: Request, sig: str = "") -> Response:
-        path = service.directory / name
-        # Only a plain file of the output directory itself: no sub-folders, no way out of it.
-        if Path(name).name != name or not name.endswith(".png") or not path.is_file():
-            raise APIError(404, f"no image '{name}' here", code="not_found")
+        path = await run_in_threadpool(_served_file, service.directory, name)
+        if path is None:
+            raise APIError(404, f"no image '{name[:100]}' here", code="not_found")
         if api.api_key and not hmac.compare_digest(sig, api.signature(name)):
             raise APIError(401, "this image link is not signed by this server", code="invalid_signature")
         return FileResponse(path, media_type="image/png")
 
-    @app.api_route("/v1/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
-    async def unknown(rest: str) -> Response:
-        raise APIError(404, f"no such endpoint: /v1/{rest}", code="unknown_url")
+    # Last: a path under /v1 or /images that no route above takes, or not with this method.
+    @app.api_route("/v1/{rest:path}", methods=list(METHODS))
+    @app.api_route("/images/{rest:path}", methods=list(METHODS))
+    async def unknown(rest: str, request: Request) -> Response:
+        allowed = _methods_for(app, request.scope)
+        if allowed:
+            listed = ", ".join(sorted(allowed))
+            message = f"{request.method} is not allowed on {request.url.path[:100]}: use {listed}"
+            raise APIError(405, message, code="method_not_allowed", Allow=listed)
+        raise APIError(404, f"no such endpoint: {request.url.path[:100]}", code="unknown_url")
+
+
+def _methods_for(app: FastAPI, scope: dict) -> set[str]:
+    """The methods the routes before the catch-all take at this path (none: no such path)."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if getattr(route, "name", None) == "unknown":
+            break
+        if route.matches(scope)[0] is Match.PARTIAL and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return methods
+
+
+def _served_file(directory: Path, name: str) -> Path | None:
+    """The image `name` of the output directory, or None: only a regular .png file whose
+    resolved path lies in the resolved directory itself (a link placed there that points
+    elsewhere is not followed, nor a sub-folder, nor a name no file system takes)."""
+    if not name.endswith(".png") or Path(name).name != name or len(name.encode()) > MAX_NAME or "\0" in name:
+        return None
+    try:
+        folder = directory.resolve(strict=True)
+        path = (folder / name).resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, a loop of links, a name too long
+        return None
+    return path if path.parent == folder and path.is_file() else None
+
+
+def _content_type(request: Request, wanted: str, how: str) -> None:
+    given = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if given != wanted:
+        raise APIError(415, f"the body is {given or 'untyped'}: {how}", code="unsupported_media_type")
 
 
 def _rgb(picture: Image.Image) -> Image.Image:
@@ -284,16 +368,22 @@ def _rgb(picture: Image.Image) -> Image.Image:
     return flatten_to_rgb(picture)
 
 
-class _RequestLog:
-    """One line per API request: method, path, status, seconds. Plain ASGI, not a
-    BaseHTTPMiddleware, which would hide a client's hang-up from the endpoint."""
+class _ApiEdge:
+    """For /v1 and /images: one log line per request (method, path, status, seconds), and a 405
+    in OpenAI's shape for a method HTTP does not define (no route could take it). Plain ASGI,
+    not a BaseHTTPMiddleware, which would hide a client's hang-up from the endpoint."""
 
     def __init__(self, app: Any, say: Any):
         self.app, self.say = app, say
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(("/v1", "/images")):  # not /health: polled
+        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/images/")):  # not /health: polled
             await self.app(scope, receive, send)
+            return
+        if scope["method"] not in METHODS:
+            answer = APIError(405, f"{scope['method'][:20]} is not an HTTP method this server takes", code="bad_method")
+            await answer.response()(scope, receive, send)
+            self.say(f"{scope['method'][:20]} {scope['path'][:200]} 405")
             return
         started, status = time.perf_counter(), [500]  # 500 unless a response starts
 
@@ -305,45 +395,33 @@ class _RequestLog:
         try:
             await self.app(scope, receive, sending)
         finally:
-            self.say(f"{scope['method']} {scope['path']} {status[0]} {time.perf_counter() - started:.2f}s")
+            self.say(f"{scope['method']} {scope['path'][:200]} {status[0]} {time.perf_counter() - started:.2f}s")
 
 
 async def _wait(request: Request, future: Any) -> Any:
-    """The future's result, or None once the client has gone (its job is dropped if not started)."""
+    """The future's result, or None once the client has gone (its job is dropped if not
+    started, and its batch stopped at the next step if nobody else waits for it)."""
     waiting = asyncio.wrap_future(future)
     while True:
         done, _ = await asyncio.wait({waiting}, timeout=0.25)
         if done:
             try:
                 return waiting.result()
+            except (CancelledError, asyncio.CancelledError, Cancelled):
+                raise APIError(503, "the server is stopping: the request was cancelled", code="stopping") from None
             except Dalle2Error as error:
                 raise APIError.of(error) from None
         if await request.is_disconnected():
-            future.cancel()
+            future.abandon()
+            waiting.cancel()  # nobody will read its outcome: asyncio must not report it unread
             return None
-
-
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 once it passes MAX_BODY (whatever Content-Length claims)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_BODY:
-        raise APIError(413, f"the request is {int(declared):,} bytes, over the {MAX_BODY:,} allowed", code="too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise APIError(413, f"the request is over the {MAX_BODY:,} bytes allowed", code="too_large")
-        chunks.append(chunk)
-    body = b"".join(chunks)
-    request._body = body  # Starlette's own cache of the body: `form()` parses it from there
-    return body
 
 
 async def _form(request: Request) -> tuple[dict[str, str], dict[str, tuple[bytes, str]]]:
     """A multipart form's text fields, and its files as (bytes, file name)."""
-    await _read_body(request)
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise APIError(400, "send the image as multipart/form-data (as OpenAI's SDKs do)")
+    how = "send the image as multipart/form-data (as OpenAI's SDKs do)"
+    _content_type(request, "multipart/form-data", how)
+    await request.body()  # whole, as the gate capped it, before the parser sees it
     try:
         form = await request.form(max_files=4, max_fields=64)
     except Exception as error:  # noqa: BLE001 - python-multipart's parse errors have no common base
@@ -385,12 +463,12 @@ def _image(files: dict[str, tuple[bytes, str]], param: str) -> tuple[Image.Image
 def _edit_mask(picture: Image.Image, files: dict[str, tuple[bytes, str]]) -> np.ndarray:
     """OpenAI's convention: transparent pixels of the mask (or, without a mask, of the image)
     are the ones to edit; a mask without transparency marks them white."""
-    from dalle2_cli.io.images import mask_array, transparent_pixels
+    from dalle2_cli.io.images import has_transparent_pixels, mask_array
 
     param = "mask" if "mask" in files else "image"
     try:
         source = _image(files, "mask")[0] if "mask" in files else picture
-        if "mask" not in files and transparent_pixels(picture) is None:
+        if "mask" not in files and not has_transparent_pixels(picture):
             raise APIError(400, "give a mask, or an image whose transparent pixels mark what to edit", "mask")
         return mask_array(source, picture.size, param)
     except Dalle2Error as error:
