@@ -10,68 +10,23 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
-from dalle2_cli.cli.serve import _listen
-from dalle2_cli.config import load_config
 from dalle2_cli.io.output import METADATA_KEY, read_metadata
-from dalle2_cli.loading.manager import DalleModelManager
 from dalle2_cli.sampling.pipelines import ImageVariation, TextToImage
 from dalle2_cli.sampling.settings import SamplingSettings
-from dalle2_cli.serve.api import MAX_UPLOAD, create_app
+from dalle2_cli.serve.api import MAX_UPLOAD
 from dalle2_cli.serve.service import ImageService
-from dalle2_cli.serve.web import mount_page
 from tests.helpers import invoke
-
-KEY = "sk-test-key"
-
-
-class Served:
-    def __init__(self, url: str, service: ImageService, log: list[str]):
-        self.url, self.service, self.log = url, service, log
-
-    def client(self, key: str | None = KEY, **options) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, **options)
-
-
-@contextmanager
-def running(config: Path, directory: Path, key: str | None = KEY, page: bool = False, **options):
-    """The API (and the page) on a free port of 127.0.0.1, models loaded."""
-    log: list[str] = []
-    loaded = load_config(str(config))
-    service = ImageService(
-        lambda: DalleModelManager(loaded, name="tiny", log=log.append),
-        directory,
-        name="tiny",
-        log=log.append,
-        **options,
-    )
-    app = create_app(service, key, log=log.append)
-    if page:
-        app = mount_page(app, service, key)
-    listener = _listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    service.start()
-    try:
-        yield Served(f"http://127.0.0.1:{listener.getsockname()[1]}", service, log)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        service.stop()
-        listener.close()
+from tests.serving import KEY, running, wait_healthy
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +168,8 @@ def test_keys_errors_limits_and_the_health_and_models_endpoints(served):
     headers = {"Authorization": f"Bearer {KEY}"}
     unknown = httpx.get(f"{served.url}/v1/files", headers=headers)
     assert unknown.status_code == 404 and unknown.json()["error"]["message"]
-    not_json = httpx.post(f"{served.url}/v1/images/generations", content=b"{oops", headers=headers)
+    as_json = {**headers, "Content-Type": "application/json"}
+    not_json = httpx.post(f"{served.url}/v1/images/generations", content=b"{oops", headers=as_json)
     assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
     big = os.urandom(MAX_UPLOAD + 1)
     too_big = httpx.post(
@@ -343,9 +299,7 @@ def test_the_cli_serves_until_interrupted_and_refuses_a_taken_port(tiny_config, 
         first = process.stderr.readline()
         url = first.split()[2]
         assert url.startswith("http://127.0.0.1:")
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/health").status_code != 200 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        assert wait_healthy(url, 120)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="k", max_retries=0)
         assert client.images.generate(prompt="a red circle", extra_body={"seed": 4}).data[0].url
         assert [p.name for p in (tmp_path / "out").iterdir()] == ["a-red-circle-4.png"]
