@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
-from dalle2_cli.loading.precision import FilePages, half_precision_keys
+from dalle2_cli.loading.precision import FilePages, cast_parameters, half_precision_keys
 
 LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self and madvise")
 
@@ -99,3 +99,27 @@ def test_float32_norms_and_buffers_keep_their_precision():
 def _with_buffer(model: torch.nn.Module) -> torch.nn.Module:
     model.register_buffer("schedule", torch.zeros(5))
     return model
+
+
+class LayerNorm(torch.nn.Module):
+    """A norm of its own, as CoCa and dalle2-pytorch write them (not torch's class)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], self.gamma)
+
+
+def test_norms_keep_float32_weights_so_half_models_run_on_any_cpu():
+    """torch's CPU norm kernels refuse a float32 input with half weights, whatever the CPU: a
+    half model whose residual stream autocast left in float32 failed where the CPU has half
+    kernels (and so no float32 copies of the weights)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), LayerNorm(8), torch.nn.GroupNorm(2, 8))
+    assert half_precision_keys(model) == {"0.weight", "0.bias"}
+    cast_parameters(model, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x in (torch.randn(2, 8), torch.randn(2, 8, dtype=torch.bfloat16)):
+            out = model[3](model[2](model[1](x)).unsqueeze(-1))
+            assert out.isfinite().all()

@@ -25,25 +25,25 @@ def cpu_computes_in(dtype: torch.dtype) -> bool:
         return True
 
 
-def _computes_in_fp32() -> tuple[type, ...]:
-    """Layers that compute in float32 whatever their input: open_clip's LayerNormFp32, which
-    its OpenAI-layout models (and others built with a half cast_dtype) use for every norm."""
-    try:
-        from open_clip.transformer import LayerNormFp32
-    except ImportError:
-        return ()
-    return (LayerNormFp32,)
+TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+
+
+def _keeps_fp32(module: nn.Module) -> bool:
+    """Normalisation layers keep float32 weights: torch's CPU norm kernels take a half input
+    with float32 weights but refuse a float32 input with half ones (which a residual stream
+    left in float32 by autocast brings them), and they are a tiny share of any model. That is
+    torch's norms and any layer class named ...Norm (open_clip's, CoCa's and dalle2-pytorch's
+    own, and open_clip's LayerNormFp32, which computes in float32 itself)."""
+    return isinstance(module, TORCH_NORMS) or type(module).__name__.endswith(("Norm", "NormFp32"))
 
 
 def _half_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
     """(prefix, layer, names) of every layer with parameters that half precision stores in
-    half: every floating-point parameter but those of layers that compute in float32 themselves
-    (their weights must stay float32). Buffers (noise schedules, masks) keep their precision,
-    since sampling arithmetic needs it."""
-    own_precision = _computes_in_fp32()
+    half: every floating-point parameter but those of normalisation layers (_keeps_fp32).
+    Buffers (noise schedules, masks) keep their precision, since sampling arithmetic needs it."""
     layers = []
     for prefix, module in model.named_modules():
-        if isinstance(module, own_precision):
+        if _keeps_fp32(module):
             continue
         names = [name for name, p in module.named_parameters(recurse=False) if p.is_floating_point()]
         if names:
