@@ -442,7 +442,7 @@ def test_served_images_record_names_and_digests_not_server_paths(keyed, tiny_con
 def test_the_login_page_tells_a_visitor_without_the_key_nothing_of_the_page(keyed):
     for query in ("", "?all_endpoints=true"):
         login = httpx.get(f"{keyed.url}/{query}")
-        assert login.status_code == 200 and "gradio_api_info = {}" in login.text
+        assert login.status_code == 200 and '"named_endpoints": {}' in login.text
         for word in ("text2im", "inpaint", "Prior steps", "Seed"):
             assert word not in login.text
 

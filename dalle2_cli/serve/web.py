@@ -236,6 +236,7 @@ class _LoginPageWithoutApi:
 
     LOGIN = re.compile(rb'window\.gradio_config = \{"auth_required":\s*true')
     API_INFO = re.compile(rb"(window\.gradio_api_info = ).*?(;</script>)", re.DOTALL)
+    NO_API = b'{"named_endpoints": {}, "unnamed_endpoints": {}}'  # gradio's own shape, empty
 
     def __init__(self, app: Any):
         self.app = app
@@ -255,7 +256,7 @@ class _LoginPageWithoutApi:
                 if not message.get("more_body"):
                     page = bytes(body)
                     if self.LOGIN.search(page):
-                        page = self.API_INFO.sub(rb"\1{}\2", page)
+                        page = self.API_INFO.sub(rb"\1" + self.NO_API + rb"\2", page)
                     headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
                     length = str(len(page)).encode() if scope["method"] == "GET" else None
                     headers += [(b"content-length", length)] if length else []
