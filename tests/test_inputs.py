@@ -481,3 +481,18 @@ def test_inpaint_mask_grow_regenerates_a_wider_area(tiny_config, tmp_path):
     assert np.array_equal(output[~grown], original[~grown])  # kept exactly outside the grown area
     ring = grown & ~regenerate
     assert (output[ring] != original[ring]).any()  # the added ring was regenerated too
+
+
+def test_a_sliver_padded_keeps_one_row_of_pixels(tiny_config, tmp_path):
+    """A 20000x10 image at 64 px is 64x1 padded, not a crash ("height and width must be > 0")."""
+    from dalle2_cli.sampling.pipelines import padded_box
+
+    sliver = Image.new("RGB", (20000, 10), (200, 30, 30))
+    square = np.asarray(fit_square(sliver, 64, pad=True)).astype(int)
+    assert (square[32] == (200, 30, 30)).all() and (np.delete(square, 32, axis=0) == 255).all()
+    assert padded_box((20000, 10), 64) == (0, 32, 64, 33) and padded_box((10, 20000), 64) == (32, 0, 33, 64)
+    assert fit_mask(np.ones((10, 20000), dtype=bool), 64, pad=True).sum() == 64  # the padding is kept
+    sliver.save(tmp_path / "wide.png")
+    result = run_cli("variation", "wide.png", "--pad", "-c", str(tiny_config), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["images"][0]["width"] == 32

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -137,8 +137,26 @@ def fit_square(image: Image.Image, size: int, pad: bool = False) -> Image.Image:
     """`size` pixels a side: center-cropped to a square, or with `pad` shrunk whole and
     centered on white."""
     if pad:
-        return ImageOps.pad(image, (size, size), method=Image.Resampling.BICUBIC, color=PAD_COLOR)
+        return _pad_square(image, size, Image.Resampling.BICUBIC, PAD_COLOR)
     return ImageOps.fit(image, (size, size), method=Image.Resampling.BICUBIC)
+
+
+def padded_size(image_size: tuple[int, int], size: int) -> tuple[int, int]:
+    """The size an image of `image_size` takes on the square that `fit_square(pad=True)` makes
+    of it: Pillow's `ImageOps.contain`, but a side never shrinks to nothing (a 20000x10 image
+    at 64 px is 64x1)."""
+    width, height = image_size
+    if width >= height:
+        return size, max(1, round(height / width * size))
+    return max(1, round(width / height * size)), size
+
+
+def _pad_square(image: Image.Image, size: int, method: Image.Resampling, color: Any) -> Image.Image:
+    """`ImageOps.pad` to `size` a side (centred, the rest `color`), with `padded_size`'s sides."""
+    shape = padded_size(image.size, size)
+    square = Image.new(image.mode, (size, size), color)
+    square.paste(image.resize(shape, method), (round((size - shape[0]) / 2), round((size - shape[1]) / 2)))
+    return square
 
 
 def _center_box(width: int, height: int) -> tuple[int, int, int, int]:
@@ -271,7 +289,7 @@ def fit_mask(mask: np.ndarray, size: int, pad: bool = False) -> np.ndarray:
     regenerate may grow by a fraction of a pixel but never shrinks, nor vanishes when small."""
     image = Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255, "L")
     if pad:
-        fitted = ImageOps.pad(image, (size, size), method=Image.Resampling.BOX, color=0)
+        fitted = _pad_square(image, size, Image.Resampling.BOX, 0)
     else:
         fitted = ImageOps.fit(image, (size, size), method=Image.Resampling.BOX)
     regenerate = np.asarray(fitted) > 0

@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 from dalle2_cli.errors import InputError
+from dalle2_cli.io.images import padded_size
 from dalle2_cli.io.prompts import Prompt
 from dalle2_cli.sampling.generated import GeneratedImage
 from dalle2_cli.sampling.script import InferenceScript
@@ -248,6 +249,6 @@ class Inpainting(InferenceScript):
 def padded_box(image_size: tuple[int, int], size: int) -> tuple[int, int, int, int]:
     """Where an image of `image_size` lies on the `size` square that `fit_square(pad=True)`
     makes of it, as a crop box: Pillow's own fitting of a blank image of that size, measured."""
-    width, height = ImageOps.contain(Image.new("1", image_size), (size, size)).size
+    width, height = padded_size(image_size, size)
     left, top = round((size - width) / 2), round((size - height) / 2)
     return left, top, left + width, top + height
