@@ -330,3 +330,15 @@ def test_a_very_long_url_file_name_is_refused_clearly(tmp_path):
     file = File(load_type="url", path="https://example.org/" + "x" * 300 + ".pth", cache_dir=str(tmp_path))
     with pytest.raises(InputError, match="is 304 bytes long"):
         resolve_file(file)
+
+
+def test_a_huge_checksum_url_is_refused_not_taken_as_a_version(server, tmp_path):
+    """A url's checksum body is capped as a local file's is: no more than the cap + 1 bytes are
+    read, and the file is refused, not taken as a version marker."""
+    server.serve("/sum", b"0" * (2**16 + 1))
+    file = File(
+        load_type="url", path=server.url("/m.pth"), cache_dir=str(tmp_path / "c"), checksum_file_path=server.url("/sum")
+    )
+    with pytest.raises(InputError, match=r"checksum file http://.*/sum is over 65,536 bytes, too large"):
+        resolve_file(file)
+    assert not server.gets("/m.pth")  # nothing downloaded on its word

@@ -343,12 +343,16 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(_HttpOnlyRedirects)
 
 
-def read_url_text(url: str, limit: int) -> str:
-    """The first `limit` bytes of a small text file at `url` (a checksum file)."""
+def read_url_text(url: str, limit: int, what: str = "checksum file") -> str:
+    """A small text file at `url` (a checksum file), refused past `limit` bytes (no more than
+    `limit` + 1 are read, whatever the server sends), as a local one is."""
     headers = {"User-Agent": f"dalle2-cli/{__version__}"}
     policy = DownloadPolicy.from_env()
     try:
         with _open(url, headers, min(policy.timeout_s, 30.0)) as response:
-            return response.read(limit).decode("utf-8", "replace")
+            data = response.read(limit + 1)
     except (_Transient, OSError, http.client.HTTPException) as error:
         raise Dalle2Error(f"cannot download {url}: {_describe(error)}") from None
+    if len(data) > limit:
+        raise InputError(f"{what} {url} is over {limit:,} bytes, too large for a {what}: is it the right url?")
+    return data.decode("utf-8", "replace")
