@@ -3,18 +3,15 @@ encodings and, for inpainting, what to keep."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from dalle2_cli.io.images import fit_mask, fit_square, to_tensor
-
-if TYPE_CHECKING:
-    from dalle2_cli.sampling.script import InferenceScript
 
 
 @dataclass
@@ -37,28 +34,30 @@ class DecoderBatches:
 
     def __init__(
         self,
-        script: InferenceScript,
         embeds: torch.Tensor,
+        seeds: Sequence[int],
         text: Sequence[str] | str | None,
         text_encoding: Sequence[torch.Tensor] | torch.Tensor | None,
         sample_count: int,
         batch_size: int,
-        seeds: Sequence[int] | None,
+        encode_text: Callable[[list[str]], torch.Tensor] | None,
     ):
+        """`seeds`: one per image, input by input. `encode_text`: CLIP's per-token encodings of
+        texts, or None for a decoder not conditioned on text (then no text is encoded)."""
         count = embeds.shape[0]
         self.embeds = embeds
         self.jobs = [index for index in range(count) for _ in range(sample_count)]
-        self.seeds = script._job_seeds(seeds, len(self.jobs), sample_count)
+        self.seeds = list(seeds)
         self.batch_size = batch_size
         self.encodings: list[torch.Tensor | None] = [None] * len(self)
-        if script._takes_text():
+        if encode_text is not None:
             if text_encoding is not None:
                 given = stack_rows(text_encoding)
                 given = given.expand(count, *given.shape[1:]) if given.shape[0] == 1 and count > 1 else given
                 self.encodings = [given[chunk] for chunk in self._chunks()]
             else:
                 texts = [text] * count if text is None or isinstance(text, str) else list(text)
-                self.encodings = [script._text_encodings([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
+                self.encodings = [encode_text([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
         self.keep_images = self.keep_masks = None
 
     def inpaint(self, images: Sequence[Image.Image] | None, masks: Sequence[Any] | None, size: int, pad: bool) -> None:

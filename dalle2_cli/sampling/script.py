@@ -287,7 +287,9 @@ class InferenceScript:
         if cond_scale is not None:
             given = [cond_scale] if isinstance(cond_scale, int | float) else list(cond_scale)
             scales = [check_finite("decoder_cond_scale", s) for s in _per_unet(given, len(plans), "decoder_cond_scale")]
-        batches = DecoderBatches(self, embeds, text, text_encoding, sample_count, batch_size, seeds)
+        seeds = self._job_seeds(seeds, embeds.shape[0] * sample_count, sample_count)
+        encode_text = self._text_encodings if self._takes_text() else None
+        batches = DecoderBatches(embeds, seeds, text, text_encoding, sample_count, batch_size, encode_text)
         batches.inpaint(inpaint_images, inpaint_image_masks, decoder.image_sizes[-1], self.settings.pad)
         bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
         for number, (bar, plan, unet_steps) in enumerate(zip(bars, plans, steps, strict=True)):
