@@ -126,8 +126,9 @@ def soak(url: str, total: int, clients: int, pid: int) -> dict:
     def send(i: int) -> None:
         body = plan[i]
         with httpx.Client(timeout=600) as http:
-            if isinstance(body, str):
-                answer = http.post(f"{url}/v1/images/generations", content=body.encode())
+            if isinstance(body, str):  # typed as JSON, so that the parser, not the type check, meets it
+                headers = {"Content-Type": "application/json"}
+                answer = http.post(f"{url}/v1/images/generations", content=body.encode(), headers=headers)
             else:
                 answer = http.post(f"{url}/v1/images/generations", json=body)
         statuses.append((i % 10 != 9, answer.status_code))
