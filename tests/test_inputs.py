@@ -403,7 +403,8 @@ def test_unwritable_output_directory_as_the_cli_sees_it(tmp_path, monkeypatch):
     """As root every directory is writable: make os.access say no, in process."""
     from typer.testing import CliRunner
 
-    from dalle2_cli.cli import app, generate
+    from dalle2_cli.cli import app
+    from dalle2_cli.io import output
 
     class ReadOnlyOs:  # the os module as the generating commands see it, but nothing is writable
         def __getattr__(self, name: str):
@@ -414,7 +415,7 @@ def test_unwritable_output_directory_as_the_cli_sees_it(tmp_path, monkeypatch):
             return False
 
     (tmp_path / "out").mkdir()
-    monkeypatch.setattr(generate, "os", ReadOnlyOs())
+    monkeypatch.setattr(output, "os", ReadOnlyOs())
     result = CliRunner().invoke(app, ["text2im", "x", "-c", "shapes", "-o", str(tmp_path / "out")])
     assert result.exit_code == 2
     assert "output directory" in result.output and "is not writable: pass another --output-dir" in result.output

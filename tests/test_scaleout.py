@@ -1,4 +1,4 @@
-"""Scale-out text2im (dalle2_cli.scaleout.run): the job split and the manifest on their own, then
+"""Scale-out text2im (dalle2_cli.run): the job split and the manifest on their own, then
 real launches of two CPU processes (gloo) against a one-process run, a run killed midway and
 finished with --resume, and the refusals."""
 
@@ -22,10 +22,10 @@ from dalle2_cli.cli.guard import FLAGS
 from dalle2_cli.config import load_config
 from dalle2_cli.errors import InputError, SettingError
 from dalle2_cli.io.prompts import Prompt
+from dalle2_cli.run import Request, run
 from dalle2_cli.sampling.settings import SamplingSettings
 from dalle2_cli.scaleout.jobs import cut_batches, plan_jobs, share
 from dalle2_cli.scaleout.manifest import ManifestWriter, manifest_path, prepare, read_manifests
-from dalle2_cli.scaleout.run import Request, run
 from dalle2_cli.scaleout.works import TextToImageWork
 from tests.helpers import run_cli
 

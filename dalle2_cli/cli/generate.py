@@ -1,5 +1,5 @@
 """The generating commands: text2im, variation, inpaint. Each parses, checks what is cheap to
-check (before torch is imported), and hands one request to the runner (dalle2_cli.scaleout.run),
+check (before torch is imported), and hands one request to the runner (dalle2_cli.run),
 which saves every image the moment its batch is decoded."""
 
 from __future__ import annotations
@@ -19,32 +19,19 @@ from dalle2_cli.errors import InputError
 from dalle2_cli.sampling.settings import SamplingSettings, check_candidates
 
 
-def output_directory(path: Path) -> Path:
-    if path.exists() and not path.is_dir():
-        raise InputError(f"output directory {path} is a file: pass another --output-dir")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        reason = error.strerror or error
-        raise InputError(f"cannot create output directory {path}: {reason}; pass another --output-dir") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise InputError(f"output directory {path} is not writable: pass another --output-dir, or fix its permissions")
-    return path
-
-
 def generate(work: Any, options: Generation, settings: SamplingSettings | None = None, **extra: Any) -> None:
     """Run `work` (a dalle2_cli.scaleout.works Work) with these options (`settings`, when given,
     replacing the sampling options'), and report."""
+    from dalle2_cli import run as runner
     from dalle2_cli.config import load_config
-    from dalle2_cli.io.output import DEFAULT_NAME
-    from dalle2_cli.scaleout import run as runner
+    from dalle2_cli.io.output import DEFAULT_NAME, prepare_directory
 
     model, output, report = options.model, options.output, options.report
     settings = settings or options.sampling.settings
 
     # What is cheap to check comes before the (slow) torch import.
     model_config = load_config(model.config)
-    directory = output_directory(output.directory)
+    directory = prepare_directory(output.directory)
     apply_threads(model)
     request = runner.Request(
         work,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import string
 import unicodedata
@@ -14,7 +15,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from dalle2_cli.errors import InputError, SettingError
+from dalle2_cli.errors import InputError, SettingError, literal
 from dalle2_cli.io.atomic import atomic_path, numbered, write_new
 
 METADATA_KEY = "dalle2-cli"
@@ -86,6 +87,24 @@ class NameCounter:
         self.next[stem] = number + 1
         self.taken.add(name)
         return name
+
+
+def prepare_directory(path: Path) -> Path:
+    """The output directory, made if missing; a one-line SettingError (naming the setting
+    `directory`) if it is a file, cannot be made or is not writable."""
+    fix = "pass another {setting}"
+    if path.exists() and not path.is_dir():
+        raise SettingError("directory", template=f"output directory {literal(path)} is a file: {fix}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = literal(error.strerror or error)
+        problem = f"cannot create output directory {literal(path)}: {reason}; {fix}"
+        raise SettingError("directory", template=problem) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        problem = f"output directory {literal(path)} is not writable: {fix}, or fix its permissions"
+        raise SettingError("directory", template=problem)
+    return path
 
 
 def save_png(image: Image.Image, path: Path, metadata: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle2_cli.errors import InputError
-from dalle2_cli.io.output import DEFAULT_NAME
+from dalle2_cli.io.output import DEFAULT_NAME, prepare_directory
 from dalle2_cli.loading.choices import Weights
 from dalle2_cli.messages import Log, stderr
 from dalle2_cli.sampling.settings import SamplingSettings
@@ -121,6 +121,7 @@ class _Session:
         refused: InputError | None = None
         if self.main:
             try:
+                prepare_directory(request.directory)  # from Python too, not only after the CLI's check
                 weights = str(request.load.get("weights", Weights.ema))
                 s = request.settings
                 plan = prepare(
