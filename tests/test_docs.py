@@ -1,0 +1,62 @@
+"""The manual: it builds strictly (a broken link, anchor or page left out of the nav fails), its
+command reference is the program's own help, and the examples marked as run in the README and
+the manual do what they say on the shipped model."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MARK = "<!-- runs in the test suite (tests/test_docs.py) -->"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def marked_examples() -> list[tuple[str, str, str]]:
+    """(where, language, code) of every fenced block right after the mark."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in re.finditer(re.escape(MARK) + r"\n```(\w+)\n(.*?)```", text, re.S):
+            line = text[: match.start()].count("\n") + 2
+            found.append((f"{page.relative_to(ROOT)}:{line}", match.group(1), match.group(2)))
+    return found
+
+
+def test_the_manual_builds_strictly_with_the_reference_from_help(tmp_path):
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    reference = (tmp_path / "site" / "reference" / "index.html").read_text()
+    # Every command and every option of `dalle2 serve --help` is in the reference.
+    for name in ("text2im", "variation", "inpaint", "serve", "models verify", "config show"):
+        assert f"dalle2 {name}</code>" in reference
+    help_text = subprocess.run([sys.executable, "-m", "dalle2_cli", "serve", "--help"], capture_output=True, text=True)
+    for option in re.findall(r"(--[a-z][a-z-]+)", help_text.stdout):
+        assert option in reference, option
+
+
+def test_the_marked_examples_are_the_ones_meant():
+    where = [example[0].split(":")[0] for example in marked_examples()]
+    assert where.count("README.md") == 2 and "docs/scale-out.md" in where
+
+
+@pytest.mark.parametrize(("where", "language", "code"), marked_examples(), ids=lambda value: str(value)[:40])
+def test_a_marked_example_runs(where, language, code, tmp_path):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    if language == "bash":
+        command = ["bash", "-e", "-c", code]
+    else:
+        assert language == "python", where
+        command = [sys.executable, "-c", code]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, f"{where}\n{result.stderr[-2000:]}"
+    assert "Traceback" not in result.stderr
+    made = sorted(path.relative_to(tmp_path) for path in tmp_path.rglob("*.png"))
+    assert made, f"{where} made no image"
