@@ -42,9 +42,18 @@ def test_the_manual_builds_strictly_with_the_reference_from_help(tmp_path):
         assert option in reference, option
 
 
-def test_the_marked_examples_are_the_ones_meant():
+def test_every_example_runs_here_or_says_why_not():
+    """A shell or Python block is run by this suite, or a comment before it says why not (your
+    own files, a server, hours of training): none is left out by oversight."""
+    unmarked = []
+    for page in PAGES:
+        text = page.read_text()
+        for match in re.finditer(r"(<!--[^\n]*-->\n)?```(bash|python)\n", text):
+            if match.group(1) is None or not re.match(r"<!-- (runs in the test suite \(tests/test_docs.py\)|not run: .+) -->", match.group(1)):
+                unmarked.append(f"{page.relative_to(ROOT)}:{text[: match.start()].count(chr(10)) + 1}")
+    assert not unmarked, unmarked
     where = [example[0].split(":")[0] for example in marked_examples()]
-    assert where.count("README.md") == 2 and "docs/scale-out.md" in where
+    assert where.count("README.md") == 2 and {"docs/scale-out.md", "docs/python.md", "docs/commands.md"} <= set(where)
 
 
 @pytest.mark.parametrize(("where", "language", "code"), marked_examples(), ids=lambda value: str(value)[:40])
