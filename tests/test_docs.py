@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def marked_examples() -> list[tuple[str, str, str]]:
 
 def test_the_manual_builds_strictly_with_the_reference_from_help(tmp_path):
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")]
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     reference = (tmp_path / "site" / "reference" / "index.html").read_text()
@@ -41,6 +42,18 @@ def test_the_manual_builds_strictly_with_the_reference_from_help(tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "dalle2_cli", "serve", "--help"], capture_output=True, text=True)
     for option in re.findall(r"(--[a-z][a-z-]+)", help_text.stdout):
         assert option in reference, option
+
+
+def test_a_broken_link_fails_the_build(tmp_path):
+    """The build above is strict for real (mkdocs' -q would silence the warnings strict counts)."""
+    shutil.copytree(ROOT / "docs", tmp_path / "docs")
+    shutil.copy(ROOT / "mkdocs.yml", tmp_path)
+    with open(tmp_path / "docs" / "index.md", "a") as page:
+        page.write("\nSee [nowhere](#no-such-anchor).\n")
+    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+    command = [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(tmp_path / "site")]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "no-such-anchor" in result.stdout + result.stderr
 
 
 def test_every_example_runs_here_or_says_why_not():
