@@ -325,3 +325,21 @@ def test_a_config_that_does_not_load_ends_in_one_line(tmp_path):
     )
     bad_config = invoke("serve", "-c", str(tmp_path / "none.json"), "--port", "0", cwd=tmp_path)
     assert bad_config.returncode == 2 and "dalle2 serve: http" not in bad_config.stderr  # refused before listening
+
+
+def test_the_page_shows_the_seed_asked_for_and_that_seed_makes_the_image_again(reranking_config, tmp_path):
+    """With reranking, an image's own seed is its kept candidate's: the caption shows the seed
+    asked for (seed + k), which typed back in makes the same image."""
+    from gradio_client import Client
+
+    with running(reranking_config, tmp_path, key=None, page=True) as server:
+        page = Client(server.url + "/", verbose=False)
+        gallery, files = page.predict("a red circle", 2, 7, "default", 0, 0, 0, 0, api_name="/text2im")
+        assert [item["caption"] for item in gallery] == ["seed 7: a red circle", "seed 8: a red circle"]
+        # What makes this a test: some image kept a candidate other than the first (whose own
+        # seed is the one asked for), so its own seed is not the caption's.
+        kept = [read_metadata(Path(path))["rerank"] for path in files]
+        assert any(rerank["kept"] != 0 for rerank in kept)
+        again, _ = page.predict("a red circle", 1, 8, "default", 0, 0, 0, 0, api_name="/text2im")
+        assert again[0]["caption"] == "seed 8: a red circle"
+        assert_same_image(Image.open(gallery[1]["image"]), Image.open(again[0]["image"]))

@@ -163,11 +163,10 @@ class ImageWriter:
         source_stem = Path(item.source).stem if item.source else None
         # A reranked image is named by the seed asked for, as a launched run plans its names
         # before any candidate is drawn; it records the kept candidate's own seed.
-        seed = item.settings.get("rerank", {}).get("image_seed", item.seed)
         return render_name(
             self.template,
             prompt=item.prompt or source_stem or command,
-            seed=seed,
+            seed=item.asked_seed,
             index=item.index,
             source=source_stem or "none",
             command=command,

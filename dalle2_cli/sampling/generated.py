@@ -21,6 +21,12 @@ class GeneratedImage:
     # What made it: the command, the config, the model files and their sha256, the tool.
     provenance: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def asked_seed(self) -> int:
+        """The seed asked for this image: its own, or for a reranked image the seed its
+        candidates were drawn from (given again, it makes this image again)."""
+        return self.settings.get("rerank", {}).get("image_seed", self.seed)
+
     def metadata(self) -> dict[str, Any]:
         """Everything a PNG of this image records (see `dalle2 info`)."""
         own = {"prompt": self.prompt, "seed": self.seed, "index": self.index, "source": self.source}

@@ -51,9 +51,10 @@ def _requests(service: ImageService, wanted: Sequence[ImageRequest]) -> list:
 
 
 def _caption(made: Any) -> str:
+    """The seed asked for (typed back in, it makes this image again) and what made it."""
     item = made.item
     words = item.prompt or item.source or item.provenance.get("command", "")
-    return f"seed {item.seed}: {words}"
+    return f"seed {item.asked_seed}: {words}"
 
 
 def _sampling(sampler: str, prior_steps: Any, decoder_steps: Any, prior_scale: Any, decoder_scale: Any) -> dict:
