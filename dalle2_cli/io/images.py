@@ -228,18 +228,21 @@ def _alpha(image: Image.Image) -> Image.Image | None:
     return image.getchannel("A") if "A" in image.getbands() else image.convert("RGBA").getchannel("A")
 
 
-def has_transparent_pixels(image: Image.Image) -> bool:
-    """Whether any pixel is transparent (alpha below half), read in Pillow's C code: no array."""
-    alpha = _alpha(image)
+def _any_transparent(alpha: Image.Image | None) -> bool:
+    """Whether an alpha band has a pixel below half, read in Pillow's C code: no array."""
     return alpha is not None and alpha.getextrema()[0] < 128
+
+
+def has_transparent_pixels(image: Image.Image) -> bool:
+    """Whether any pixel is transparent (alpha below half)."""
+    return _any_transparent(_alpha(image))
 
 
 def transparent_pixels(image: Image.Image) -> np.ndarray | None:
     """Where `image` is transparent (alpha below half), or None if no pixel is: what a mask
     with transparency marks, as OpenAI's image edits read it."""
-    if not has_transparent_pixels(image):
-        return None
-    return np.asarray(_alpha(image)) < 128
+    alpha = _alpha(image)
+    return np.asarray(alpha) < 128 if _any_transparent(alpha) else None
 
 
 def grow_mask(mask: np.ndarray, pixels: int) -> np.ndarray:

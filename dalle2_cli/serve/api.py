@@ -37,6 +37,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
+from dalle2_cli.config import MAX_NAME_BYTES
 from dalle2_cli.errors import Cancelled, Dalle2Error
 from dalle2_cli.serve.batcher import QueueFull, Stopping
 from dalle2_cli.serve.gate import Gate
@@ -48,7 +49,6 @@ from dalle2_cli.serve.service import (
     parse_size,
 )
 
-MAX_NAME = 255  # bytes of an image's file name (the file systems' limit)
 # The methods HTTP defines; any other is refused under /v1 and /images before routing.
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
 MODEL_ALIASES = ("dall-e-2",)  # what clients written for OpenAI send; served by the loaded model
@@ -346,7 +346,7 @@ def _served_file(directory: Path, name: str) -> Path | None:
     """The image `name` of the output directory, or None: only a regular .png file whose
     resolved path lies in the resolved directory itself (a link placed there that points
     elsewhere is not followed, nor a sub-folder, nor a name no file system takes)."""
-    if not name.endswith(".png") or Path(name).name != name or len(name.encode()) > MAX_NAME or "\0" in name:
+    if not name.endswith(".png") or Path(name).name != name or len(name.encode()) > MAX_NAME_BYTES or "\0" in name:
         return None
     try:
         folder = directory.resolve(strict=True)

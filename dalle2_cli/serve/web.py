@@ -99,8 +99,7 @@ def _bounded_editor(editor: gr.ImageEditor, service: ImageService) -> gr.ImageEd
                 with Image.open(source) as header:
                     check_pixels(header, "the image")
             except Dalle2Error as error:
-                service.log(f"page: {error}")
-                raise gr.Error(str(error), print_exception=False) from None
+                _refuse(service, str(error))
             except Exception:  # noqa: BLE001 - not an image: gradio's own reading says so
                 pass
         return convert(file, flatten_on_white)
