@@ -29,12 +29,14 @@ TORCH_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._Nor
 
 
 def _keeps_fp32(module: nn.Module) -> bool:
-    """Normalisation layers keep float32 weights: torch's CPU norm kernels take a half input
-    with float32 weights but refuse a float32 input with half ones (which a residual stream
-    left in float32 by autocast brings them), and they are a tiny share of any model. That is
+    """Layers whose weights stay float32, a tiny share of any model. Normalisation layers:
+    torch's CPU norm kernels take a half input with float32 weights but refuse a float32 input
+    with half ones (which a residual stream left in float32 by autocast brings them); that is
     torch's norms and any layer class named ...Norm (open_clip's, CoCa's and dalle2-pytorch's
-    own, and open_clip's LayerNormFp32, which computes in float32 itself)."""
-    return isinstance(module, TORCH_NORMS) or type(module).__name__.endswith(("Norm", "NormFp32"))
+    own, and open_clip's LayerNormFp32, which computes in float32 itself). And rotary
+    embeddings, whose position frequencies (a parameter nobody calls through the layer) are a
+    table that half precision would coarsen."""
+    return isinstance(module, TORCH_NORMS) or type(module).__name__.endswith(("Norm", "NormFp32", "RotaryEmbedding"))
 
 
 def _half_layers(model: nn.Module) -> list[tuple[str, nn.Module, list[str]]]:
@@ -67,23 +69,27 @@ def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def convert_on_first_use(model: nn.Module, dtype: torch.dtype) -> None:
-    """Convert each layer's half-precision parameters (_half_layers) to `dtype` when the layer
-    first runs (a one-shot forward pre-hook), not before. Memory-mapped weights of layers that
-    never run stay on disk: text2im never runs ViT-L/14's image tower, 0.6 GiB in bf16.
-    Parameters read other than by their own layer's forward keep the file's precision."""
+    """Convert each layer's half-precision parameters (_half_layers) to `dtype` when the layer,
+    or any layer inside it, first runs (one-shot forward pre-hooks), not before. Memory-mapped
+    weights of layers that never run stay on disk: text2im never runs ViT-L/14's image tower,
+    0.6 GiB in bf16. Inside too, because dalle2-pytorch calls a unet's and the prior network's
+    own `forward` directly (no hooks): their own parameters (the null embeddings guidance
+    reads) convert when their first sublayer runs, so that they are in `dtype` as
+    `cast_parameters` (--low-memory's way) puts them, and both ways make the same images."""
     file_pages = FilePages()  # the checkpoints are mapped already: read the maps once, not per layer
     for _, layer, names in _half_layers(model):
         handles: list = []
 
-        def convert(layer: nn.Module, args: object, names: list[str] = names, handles: list = handles) -> None:
+        def convert(module: nn.Module, args: object, layer=layer, names=names, handles=handles) -> None:
             for name in names:
                 parameter = layer._parameters.get(name)
                 if parameter is None:  # moved by compute_in_fp32's parametrization
                     parameter = layer.parametrizations[name].original
                 parameter.data = converted(parameter.data, dtype, file_pages)
-            handles.pop().remove()
+            while handles:
+                handles.pop().remove()
 
-        handles.append(layer.register_forward_pre_hook(convert))
+        handles.extend(inner.register_forward_pre_hook(convert) for inner in layer.modules())
 
 
 def restore_parameters(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
