@@ -92,7 +92,7 @@ class _StageClock(NoProgress):
         self.sync()
         self._last = time.perf_counter()
 
-    def advance(self, label: str, steps: int = 1) -> None:
+    def advance(self, label: str, steps: int = 1, preview=None) -> None:
         self.sync()
         now = time.perf_counter()
         self.stages[label]["seconds"] += now - self._last

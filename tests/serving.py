@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from contextlib import contextmanager
@@ -46,8 +47,9 @@ def running(
     loopback hosts), `server_options` to the Server."""
     log: list[str] = []
     loaded = load_config(str(config))
+    manager = functools.cache(lambda: DalleModelManager(loaded, name="tiny", log=log.append))
     service = ImageService(
-        lambda: DalleModelManager(loaded, name="tiny", log=log.append),
+        lambda worker: manager(),  # workers share one manager, as `dalle2 serve --workers N` on a CPU
         directory,
         name="tiny",
         log=log.append,

@@ -102,6 +102,22 @@ def serve(
             "step (a second signal: at once).",
         ),
     ] = SHUTDOWN_TIMEOUT_S,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Batches sampled at once on this device, sharing its models and splitting --threads between them.",
+        ),
+    ] = 1,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            metavar="LIST",
+            help="One worker per device, each with its own copy of the models: cuda:0,cuda:1 (each batch runs on "
+            "the first free one).",
+        ),
+    ] = None,
     record_paths: Annotated[
         bool,
         typer.Option(
@@ -126,13 +142,14 @@ def serve(
     from dalle2_cli.serve.service import ImageService
 
     _check_limits(read_timeout, max_connections, shutdown_timeout)
+    per_worker = _worker_devices(workers, devices, model)
     key = api_key or os.environ.get(API_KEY_ENV) or None
     # What the API calls the model: the config's name, or its file's name without ".json".
     name = Path(model.config).stem if model.config.endswith(".json") else model.config
     config = load_config(model.config)  # a bad config stops here, before anything listens
     apply_threads(model)
 
-    load = functools.partial(_load_models, config, model, report)
+    load = _loader(config, model, report, per_worker)
     service = ImageService(
         load,
         output_dir,
@@ -143,6 +160,8 @@ def serve(
         log=report.info,
         max_steps=max_steps,
         record_paths=record_paths,
+        workers=len(per_worker),
+        threads_per_worker=_threads_per_worker(model, per_worker),
     )
     hosts = allowed_hosts(host, allowed_host or ())
     api = create_app(service, key, log=report.info, hosts=hosts, cors_origins=cors_origin or (), debug=report.debug)
@@ -191,10 +210,41 @@ def _check_limits(read_timeout: float, max_connections: int, shutdown_timeout: f
         raise InputError(f"--shutdown-timeout {shutdown_timeout:g}: give a number of seconds, 0 or more")
 
 
-def _load_models(config: Any, model: ModelChoice, report: Report) -> Any:
+def _worker_devices(workers: int, devices: str | None, model: ModelChoice) -> list[str | None]:
+    """Each worker's device: --devices' list, or --workers times --device's (None: shared)."""
+    if devices is None:
+        if not 1 <= workers <= 64:
+            raise InputError(f"--workers {workers}: give 1 to 64")
+        if workers > 1 and model.low_memory:
+            raise InputError("--workers with --low-memory: workers share the models, which --low-memory moves")
+        return [None] * workers
+    if workers != 1 or model.device is not None:
+        raise InputError("--devices names every worker's device: leave out --workers and --device")
+    listed = [name.strip() for name in devices.split(",") if name.strip()]
+    if not listed or len(set(listed)) != len(listed):
+        raise InputError(f"--devices {devices!r}: give distinct devices, comma-separated (cuda:0,cuda:1)")
+    return listed
+
+
+def _threads_per_worker(model: ModelChoice, per_worker: list[str | None]) -> int | None:
+    """CPU workers split the threads (--threads, else torch's count) between them."""
+    if len(per_worker) == 1 or per_worker[0] is not None:
+        return None
+    import torch
+
+    return max(1, (model.threads or torch.get_num_threads()) // len(per_worker))
+
+
+def _loader(config: Any, model: ModelChoice, report: Report, per_worker: list[str | None]) -> Any:
+    """`load(worker)`: workers with a device of their own get their own models; others share one."""
     from dalle2_cli.loading.manager import DalleModelManager
 
-    return DalleModelManager(config, name=model.config, log=report.info, warn=report.warning, **model.manager_options())
+    def load(device: str | None) -> Any:
+        options = model.manager_options() | ({"device": device} if device is not None else {})
+        return DalleModelManager(config, name=model.config, log=report.info, warn=report.warning, **options)
+
+    shared = functools.cache(lambda: load(None))
+    return lambda worker: shared() if per_worker[worker] is None else load(per_worker[worker])
 
 
 def _start(service: Any, server: Any) -> None:

@@ -25,7 +25,7 @@ from dalle2_cli.errors import InputError
 from dalle2_cli.sampling.guidance import guided
 from dalle2_cli.sampling.schedulers import NoiseSource, Prediction, Scheduler
 
-Progress = Callable[[], None]  # called once per network evaluation
+Progress = Callable[[torch.Tensor], None]  # called once per step with the current prediction of the clean sample
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def sample_prior(
             x0 = _l2norm(x0) * prior.image_embed_scale
         x = scheduler.step(Prediction(x0), t, x, noise)
         if progress is not None:
-            progress()
+            progress(x0)
     if prior.sampling_final_clamp_l2norm and prior.predict_x_start:
         x = _l2norm(x) * prior.image_embed_scale
     return x / prior.image_embed_scale
@@ -192,7 +192,7 @@ def sample_unet(
             if known is not None and not (last_step or r == 0):
                 x = scheduler.renoise(x, scheduler.previous(t), t, noise)
         if progress is not None:
-            progress()
+            progress(x0 if known is None else x0 * ~keep + known * keep)
     if known is not None:
         x = x * ~keep + known * keep
     return decoder.unnormalize_img(x)

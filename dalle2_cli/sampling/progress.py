@@ -5,6 +5,7 @@ can be stopped from outside (`StoppableProgress`)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import (
@@ -20,6 +21,11 @@ from rich.progress import (
 from rich.text import Text
 
 from dalle2_cli.errors import Cancelled
+
+if TYPE_CHECKING:
+    import torch
+
+Preview = Callable[[], "torch.Tensor"]  # a batch's images as they stand, [batch, 3, height, width] in [0, 1]
 
 
 class _Speed(ProgressColumn):
@@ -39,8 +45,9 @@ class NoProgress:
     def stage(self, label: str, steps: int, loops: int = 1) -> None:
         pass
 
-    def advance(self, label: str, steps: int = 1) -> None:
-        pass
+    def advance(self, label: str, steps: int = 1, preview: Preview | None = None) -> None:
+        """`steps` network evaluations of `label` done; `preview()`, where given, is the
+        batch's images as they stand (a tensor in [0, 1]), for a progress that shows them."""
 
 
 class StoppableProgress(NoProgress):
@@ -51,7 +58,7 @@ class StoppableProgress(NoProgress):
         self.stop = stop
         self.done = 0
 
-    def advance(self, label: str, steps: int = 1) -> None:
+    def advance(self, label: str, steps: int = 1, preview: Preview | None = None) -> None:
         self.done += steps
         if self.stop():
             raise Cancelled(f"stopped after {self.done} network evaluations, in the {label} stage")
@@ -91,5 +98,5 @@ class StageProgress(NoProgress):
             self._tasks[label] = self._bars.add_task(label, total=steps * loops)
         self._bars.update(self._tasks[label], total=self._plans[label][0] * self._plans[label][1])
 
-    def advance(self, label: str, steps: int = 1) -> None:
+    def advance(self, label: str, steps: int = 1, preview: Preview | None = None) -> None:
         self._bars.advance(self._tasks[label], steps)

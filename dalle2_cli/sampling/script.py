@@ -10,6 +10,7 @@ port over (dalle2_cli.laion keeps its mask convention too); subclasses add a `ru
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -233,7 +234,7 @@ class InferenceScript:
                 conditions.negative = negative.repeated(len(rows))
             scheduler = make_scheduler(plan.sampler, prior.noise_scheduler, steps, PRIOR, plan.ddim_eta)
             noise = ImageNoise(seeds[start : start + batch_size], "prior")
-            advance = lambda: self.progress.advance("prior")  # noqa: E731
+            advance = lambda clean: self.progress.advance("prior")  # noqa: E731
             with self._precision(), self.models.using(prior):
                 embeds = sample_prior(
                     prior, conditions, scheduler, noise, cond_scale, self.settings.batched_guidance, advance
@@ -322,7 +323,7 @@ class InferenceScript:
         with self._precision(), self.models.using(decoder):
             for number, plan in enumerate(plans):
                 scheduler = unet_scheduler(decoder, number, plan, steps[number])
-                advance = lambda bar=bars[number]: self.progress.advance(bar)  # noqa: E731
+                advance = functools.partial(self._advance_decoder, bars[number])
                 image = sample_unet(
                     decoder,
                     number,
@@ -340,6 +341,12 @@ class InferenceScript:
             keep = inpaint.keep.unsqueeze(1)
             image = torch.where(keep, inpaint.image, image.float().clamp(0, 1))
         return image
+
+    def _advance_decoder(self, bar: str, clean: torch.Tensor) -> None:
+        """One decoder step done; a progress that shows previews may ask for the images as they
+        stand (the current prediction of the clean images, in [0, 1])."""
+        decoder = self.models.decoder
+        self.progress.advance(bar, preview=lambda: decoder.unnormalize_img(clean.float()).clamp(0, 1))
 
     def _job_seeds(self, seeds: Sequence[int] | None, count: int, per_input: int) -> list[int]:
         if seeds is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import hashlib
 import hmac
 import io
@@ -30,7 +31,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -42,6 +43,7 @@ from dalle2_cli.errors import Cancelled, Dalle2Error
 from dalle2_cli.serve.batcher import QueueFull, Stopping
 from dalle2_cli.serve.gate import Gate
 from dalle2_cli.serve.limits import MAX_BODY, MAX_PER_REQUEST, MAX_PROMPT, MAX_UPLOAD
+from dalle2_cli.serve.progress import Step
 from dalle2_cli.serve.service import (
     SAMPLING_FIELDS,
     ImageRequest,
@@ -69,12 +71,14 @@ class APIError(Exception):
         param = PARAMS.get(field, field) if field else None
         return cls(status, error.naming(lambda name: PARAMS.get(name, name)), param)
 
-    def response(self) -> JSONResponse:
+    def body(self) -> dict:
         kind = {401: "invalid_request_error", 429: "rate_limit_error"}.get(self.status, "invalid_request_error")
         if self.status >= 500:
             kind = "server_error"
-        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers or None)
+        return {"message": self.message, "type": kind, "param": self.param, "code": self.code}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"error": self.body()}, status_code=self.status, headers=self.headers or None)
 
 
 def _parse_json(body: bytes) -> dict:
@@ -94,6 +98,9 @@ Steps = int | list[int]
 Scales = float | list[float]
 
 
+FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
 class _Common(BaseModel):
     """The fields every images endpoint takes: OpenAI's and our sampling extensions."""
 
@@ -102,6 +109,9 @@ class _Common(BaseModel):
     n: Annotated[int, Field(ge=1, le=MAX_PER_REQUEST)] = 1
     size: str | None = None
     response_format: Literal["url", "b64_json"] = "url"
+    output_format: Literal["png", "webp", "jpeg"] = "png"
+    output_compression: Annotated[int, Field(ge=0, le=100)] | None = None  # webp and jpeg: their quality
+    background: Literal["auto", "opaque"] = "auto"  # the models make opaque images only
     model: str | None = None
     user: str | None = None
     seed: int | None = None
@@ -110,22 +120,27 @@ class _Common(BaseModel):
     decoder_cond_scale: Scales | None = None
 
 
-class GenerationBody(_Common):
+class _Streamed(_Common):
+    """Generations and edits may stream: server-sent events, `partial_images` previews first."""
+
+    stream: bool = False
+    partial_images: Annotated[int, Field(ge=0, le=3)] = 0
+    prior_steps: int | None = None
+    prior_cond_scale: float | None = None
+
+
+class GenerationBody(_Streamed):
     prompt: Annotated[str, Field(max_length=MAX_PROMPT)]
     quality: str | None = None  # accepted for OpenAI's clients; one quality here
     style: str | None = None
-    prior_steps: int | None = None
-    prior_cond_scale: float | None = None
 
 
 class VariationBody(_Common):
     pass
 
 
-class EditBody(_Common):
+class EditBody(_Streamed):
     prompt: Annotated[str | None, Field(max_length=MAX_PROMPT)] = None
-    prior_steps: int | None = None
-    prior_cond_scale: float | None = None
 
 
 def _checked(model: type[BaseModel], values: dict[str, Any]) -> Any:
@@ -237,18 +252,112 @@ class _Images:
             raise APIError(503, str(error), code="stopping") from None
         except Dalle2Error as error:
             raise APIError.of(error, 503 if not self.service.ready else 400) from None
+        if getattr(fields, "stream", False):
+            events = "image_edit" if kind == "inpaint" else "image_generation"
+            stream = _events(request, future, fields, events, wanted.size or self.service.image_size())
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
         made = await _wait(request, future)
         if made is None:  # the client hung up: nobody to answer
             return Response(status_code=499)
-        data = await run_in_threadpool(lambda: [self.entry(m, fields.response_format, request) for m in made])
+        data = await run_in_threadpool(lambda: [self.entry(m, fields, request) for m in made])
         return JSONResponse({"created": int(time.time()), "data": data})
 
-    def entry(self, made: Any, response_format: str, request: Request) -> dict:
-        if response_format == "b64_json":
-            return {"b64_json": base64.b64encode(made.path.read_bytes()).decode()}
+    def entry(self, made: Any, fields: Any, request: Request) -> dict:
+        if fields.response_format == "b64_json":
+            return {"b64_json": _encoded(made.path, fields.output_format, fields.output_compression)}
         name = made.path.name
+        if fields.output_format != "png":  # the PNG is kept; the link converts it
+            name = f"{made.path.stem}.{fields.output_format}"
         link = f"{str(request.base_url).rstrip('/')}/images/{name}"
-        return {"url": f"{link}?sig={self.signature(name)}" if self.api_key else link}
+        query = [f"sig={self.signature(name)}"] if self.api_key else []
+        if fields.output_compression is not None and fields.output_format != "png":
+            query.append(f"compression={fields.output_compression}")
+        return {"url": f"{link}?{'&'.join(query)}" if query else link}
+
+
+def _encoded(path: Path, output_format: str, compression: int | None) -> str:
+    """A saved PNG as base64, in the format asked for (webp and jpeg at `compression` quality)."""
+    if output_format == "png":
+        return base64.b64encode(path.read_bytes()).decode()
+    with Image.open(path) as image:
+        return base64.b64encode(_converted(image, output_format, compression)).decode()
+
+
+def _converted(image: Image.Image, output_format: str, compression: int | None) -> bytes:
+    out = io.BytesIO()
+    quality = 100 if compression is None else compression  # OpenAI's default: 100
+    image.convert("RGB").save(out, format=output_format.upper(), quality=quality)
+    return out.getvalue()
+
+
+async def _events(request: Request, future: Any, fields: Any, events: str, size: int) -> Any:
+    """Server-sent events as OpenAI streams them: `partial_images` previews of each image as
+    it forms (at even steps through the decoder, as many as it reaches), then each image.
+    Between them, at most once a second, a comment line with the queue place or the stage
+    and step (": decoder unet 1 12/25"), which OpenAI's SDKs skip and which keeps the
+    connection busy."""
+    loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+    wanted, sent, told = fields.partial_images, [0], [0.0]
+
+    def watcher(update: Any) -> None:  # on a sampling thread: take what is needed, hand it over
+        due = isinstance(update, Step) and update.preview is not None and sent[0] < wanted
+        if due and update.decoded >= (sent[0] + 1) / (wanted + 1):
+            index, sent[0] = sent[0], sent[0] + 1
+            loop.call_soon_threadsafe(updates.put_nowait, (index, update.preview()))
+        elif time.monotonic() - told[0] >= 1.0:
+            told[0] = time.monotonic()
+            loop.call_soon_threadsafe(updates.put_nowait, update.line())
+
+    shape = {"background": "opaque", "quality": "auto", "output_format": fields.output_format}
+    shape["size"] = f"{size}x{size}"
+    future.watch(watcher)
+    done = asyncio.wrap_future(future)
+    try:
+        while True:
+            taking = asyncio.ensure_future(updates.get())
+            await asyncio.wait({taking, done}, return_when=asyncio.FIRST_COMPLETED)
+            if not taking.done():
+                taking.cancel()
+                break
+            taken = taking.result()
+            if isinstance(taken, str):
+                yield f": {taken}\n\n".encode()
+                continue
+            index, pictures = taken
+            encode = functools.partial(_partials, pictures, size, fields)
+            for b64 in await run_in_threadpool(encode):
+                body = {"type": f"{events}.partial_image", "b64_json": b64, "partial_image_index": index}
+                yield _event(body["type"], {**body, **shape, "created_at": int(time.time())})
+        try:
+            made = done.result()
+        except (CancelledError, asyncio.CancelledError, Cancelled):
+            error = APIError(503, "the server is stopping: the request was cancelled", code="stopping")
+            yield _event("error", {"type": "error", "error": error.body()})
+            return
+        except Dalle2Error as failure:
+            yield _event("error", {"type": "error", "error": APIError.of(failure).body()})
+            return
+        except Exception:  # noqa: BLE001 - the service has logged it; the client gets no trace
+            error = APIError(500, "the server failed to make the images; its log says why")
+            yield _event("error", {"type": "error", "error": error.body()})
+            return
+        for made_one in made:
+            b64 = await run_in_threadpool(_encoded, made_one.path, fields.output_format, fields.output_compression)
+            body = {"type": f"{events}.completed", "b64_json": b64, **shape, "created_at": int(time.time())}
+            yield _event(body["type"], body)
+    finally:
+        if not future.done():  # the client went away mid-stream
+            future.abandon()
+            done.cancel()
+
+
+def _partials(pictures: list[Image.Image], size: int, fields: Any) -> list[str]:
+    resized = [p if p.width == size else p.resize((size, size), Image.Resampling.BICUBIC) for p in pictures]
+    return [base64.b64encode(_converted(p, fields.output_format, fields.output_compression)).decode() for p in resized]
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
 def _image_routes(app: FastAPI, api: _Images) -> None:
@@ -311,13 +420,25 @@ def _other_routes(app: FastAPI, api: _Images) -> None:
         return _model_card(service)
 
     @app.api_route("/images/{name:path}", methods=["GET", "HEAD"])  # never answered by the page
-    async def image_file(name: str, request: Request, sig: str = "") -> Response:
-        path = await run_in_threadpool(_served_file, service.directory, name)
+    async def image_file(name: str, request: Request, sig: str = "", compression: int | None = None) -> Response:
+        """A PNG made here; NAME.webp or NAME.jpeg is that PNG converted (output_format)."""
+        stem, _, output_format = name.rpartition(".")
+        known = output_format in FORMATS and stem
+        path = await run_in_threadpool(_served_file, service.directory, f"{stem}.png") if known else None
         if path is None:
             raise APIError(404, f"no image '{name[:100]}' here", code="not_found")
         if api.api_key and not hmac.compare_digest(sig, api.signature(name)):
             raise APIError(401, "this image link is not signed by this server", code="invalid_signature")
-        return FileResponse(path, media_type="image/png")
+        if output_format == "png":
+            return FileResponse(path, media_type="image/png")
+        if compression is not None and not 0 <= compression <= 100:
+            raise APIError(400, "compression must be from 0 to 100", "compression")
+
+        def convert() -> bytes:
+            with Image.open(path) as image:
+                return _converted(image, output_format, compression)
+
+        return Response(await run_in_threadpool(convert), media_type=FORMATS[output_format])
 
     # Last: a path under /v1 or /images that no route above takes, or not with this method.
     @app.api_route("/v1/{rest:path}", methods=list(METHODS))

@@ -1,6 +1,6 @@
 """The models behind `dalle2 serve`, kept loaded: requests in, saved images out.
 
-    service = ImageService(lambda: DalleModelManager(load_config("shapes"), name="shapes"), Path("served"))
+    service = ImageService(lambda worker: DalleModelManager(load_config("shapes"), name="shapes"), Path("served"))
     service.start()                                  # loads the models, then starts the batcher
     made = service.make(ImageRequest("text2im", prompt="a red circle", n=2, seed=7))
     made[0].path                                     # the PNG, with the metadata the CLI writes
@@ -14,6 +14,7 @@ nobody waits for it (`JobFuture.abandon`) or the service is stopping.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 import re
 import threading
@@ -138,9 +139,13 @@ class ImageService:
         log: Log = stderr,
         max_steps: int = MAX_STEPS,
         record_paths: bool = False,
+        workers: int = 1,
+        threads_per_worker: int | None = None,
     ):
-        """`load` makes the DalleModelManager (called by `start`, once); `name` is what the
-        API calls the model (the config's name). A request may ask at most `max_steps` of each
+        """`load(k)` makes the DalleModelManager of worker k (called by `start`; workers on
+        one device may share one); `name` is what the API calls the model (the config's name).
+        `workers` batches run at once, each on its worker's models, with `threads_per_worker`
+        CPU threads (None: torch's setting). A request may ask at most `max_steps` of each
         stage. The images record the config's and model files' names and digests; with
         `record_paths`, their paths on this machine too (as the CLI's images do)."""
         check_whole("max_batch", max_batch, 1, 256)
@@ -150,8 +155,10 @@ class ImageService:
             raise SettingError("batch_window_ms", f"must not be negative, got {window_s * 1000:g}")
         self._load, self.directory, self.name, self.log = load, Path(directory), name, log
         self.max_steps, self.record_paths = max_steps, record_paths
-        self.batcher = Batcher(self._run, max_batch, window_s, queue_size)
-        self.manager: Any = None
+        self.batcher = Batcher(self._run, max_batch, window_s, queue_size, workers)
+        self.threads_per_worker = threads_per_worker
+        self.managers: list[Any] = []  # one per worker
+        self.manager: Any = None  # the first worker's: what every request is checked against
         self.failure: str | None = None  # why loading failed
         self._ready = threading.Event()
         self._writer: Any = None
@@ -165,16 +172,23 @@ class ImageService:
         from dalle2_cli.io.output import ImageWriter
 
         started = time.perf_counter()
-        manager = self._load()
-        for part in ("clip", "prior", "decoder"):
-            if getattr(manager.config, part) is not None:
-                getattr(manager, part)
-        self.manager = manager
+        for worker in range(self.batcher.workers):
+            manager = self._load(worker)
+            for part in ("clip", "prior", "decoder"):
+                if getattr(manager.config, part) is not None:
+                    getattr(manager, part)
+            self.managers.append(manager)
+        self.manager = self.managers[0]
         self.directory.mkdir(parents=True, exist_ok=True)
         self._writer = ImageWriter(self.directory, remember=False)
         self.batcher.start()
         self._ready.set()
-        self.log(f"models loaded in {time.perf_counter() - started:.1f} s: serving {self.name}")
+        workers = f" on {self.batcher.workers} workers" if self.batcher.workers > 1 else ""
+        self.log(f"models loaded in {time.perf_counter() - started:.1f} s: serving {self.name}{workers}")
+
+    def image_size(self) -> int:
+        """The side of the images the models make (a request's `size` resizes them)."""
+        return self.manager.decoder.image_sizes[-1]
 
     def stop(self, grace_s: float = 0.0, wait_s: float | None = 5.0) -> bool:
         """Take no more requests; a running batch may finish within `grace_s`, else it stops at
@@ -192,39 +206,55 @@ class ImageService:
                 raise SettingError(name, problem)
         if request.kind == "text2im" and self.manager.config.prior is None:
             raise InputError(f"{self.name} has no prior, which text to image needs")
+        self._check_plan(request)
         if request.seed is None:
             request = dataclasses.replace(request, seed=random.randrange(2**31))
         return self.batcher.submit(request.batch_key(), request.n, request)
+
+    def _check_plan(self, request: ImageRequest) -> None:
+        """Settings the models cannot take (more steps than trained, say) are refused here, before
+        the request waits or streams, not when its batch runs."""
+        from dalle2_cli.sampling.script import InferenceScript
+
+        uses_prior = request.kind == "text2im" or (request.kind == "inpaint" and request.prompt is not None)
+        InferenceScript(self.manager, request.settings(1)).plan(uses_prior)
 
     def make(self, request: ImageRequest, timeout_s: float | None = None) -> list[Made]:
         return self.submit(request).result(timeout_s)
 
     # -- on the batcher's thread ---------------------------------------------------------------
 
-    def _run(self, jobs: Sequence[Job], stop: Callable[[], bool]) -> list[list[Made]]:
-        """Sample the batch (stopped at a step once `stop()` says so), then save every image:
-        a cancelled batch saves nothing."""
-        from dalle2_cli.sampling.progress import StoppableProgress
+    def _run(self, jobs: Sequence[Job], stop: Callable[[], bool], worker: int = 0) -> list[list[Made]]:
+        """Sample the batch on `worker`'s models (stopped at a step once `stop()` says so), then
+        save every image: a cancelled batch saves nothing."""
+        import torch
 
+        from dalle2_cli.serve.progress import BatchProgress
+
+        if self.threads_per_worker is not None:
+            torch.set_num_threads(self.threads_per_worker)  # this thread's own setting
         requests: list[ImageRequest] = [job.payload for job in jobs]
-        first, progress = requests[0], StoppableProgress(stop)
+        ends = list(itertools.accumulate(request.n for request in requests))
+        rows = [slice(end - request.n, end) for request, end in zip(requests, ends, strict=True)]
+        progress = BatchProgress(stop, [job.future for job in jobs], rows)
+        manager, first = self.managers[worker], requests[0]
         try:
             if first.kind == "text2im":
-                made = self._text_to_image(requests, progress)
+                made = self._text_to_image(manager, requests, progress)
             elif first.kind == "variation":
-                made = self._variations(requests, progress)
+                made = self._variations(manager, requests, progress)
             else:
-                made = [self._inpaint(first, progress)]
+                made = [self._inpaint(manager, first, progress)]
         except Cancelled as cancelled:
             self.log(f"a batch of {len(requests)} request(s) was cancelled: {cancelled}")
             raise
         return [[self._save(item, request) for item in items] for request, items in zip(requests, made, strict=True)]
 
-    def _text_to_image(self, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
+    def _text_to_image(self, manager: Any, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
         from dalle2_cli.io.prompts import Prompt
         from dalle2_cli.sampling.pipelines import TextToImage
 
-        script = TextToImage(self.manager, requests[0].settings(self.batcher.max_images), progress)
+        script = TextToImage(manager, requests[0].settings(self.batcher.max_images), progress)
         prompts = [Prompt(r.prompt, num_images=r.n, seed=r.seed) for r in requests]
         images = script.run(prompts)
         split, start = [], 0
@@ -233,20 +263,20 @@ class ImageService:
             start += request.n
         return split
 
-    def _variations(self, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
+    def _variations(self, manager: Any, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
         from dalle2_cli.sampling.pipelines import ImageVariation
 
         n = requests[0].n  # equal within a batch (see batch_key)
-        script = ImageVariation(self.manager, requests[0].settings(self.batcher.max_images), progress)
+        script = ImageVariation(manager, requests[0].settings(self.batcher.max_images), progress)
         images = script.run(
             [r.image for r in requests], n, sources=[r.source for r in requests], seeds=[r.seed for r in requests]
         )
         return [images[i * n : (i + 1) * n] for i in range(len(requests))]
 
-    def _inpaint(self, request: ImageRequest, progress: Any) -> list[Any]:
+    def _inpaint(self, manager: Any, request: ImageRequest, progress: Any) -> list[Any]:
         from dalle2_cli.sampling.pipelines import Inpainting
 
-        script = Inpainting(self.manager, request.settings(self.batcher.max_images), progress)
+        script = Inpainting(manager, request.settings(self.batcher.max_images), progress)
         return script.run(request.image, request.mask, request.prompt, request.n, source=request.source)
 
     def _save(self, item: Any, request: ImageRequest) -> Made:

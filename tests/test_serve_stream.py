@@ -1,0 +1,167 @@
+"""`dalle2 serve` as image generators are used today: streamed previews through the `openai`
+package's own stream iterator, output formats, progress, and several workers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from dalle2_cli.serve.batcher import Queued
+from dalle2_cli.serve.progress import Step
+from dalle2_cli.serve.service import ImageRequest
+from tests.serving import KEY, running
+
+STEPS = {"decoder_steps": 8}
+
+
+@pytest.fixture(scope="module")
+def served(tiny_config, tmp_path_factory):
+    with running(tiny_config, tmp_path_factory.mktemp("served"), window_s=0.05) as server:
+        yield server
+
+
+def decoded(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_a_streamed_generation_sends_partial_images_then_the_image_the_unstreamed_call_makes(served):
+    client = served.client()
+    options = {"seed": 11, **STEPS}
+    stream = client.images.generate(prompt="a red circle", stream=True, partial_images=2, n=2, extra_body=options)
+    events = list(stream)  # the SDK's own iterator, typed by its own models
+    kinds = [event.type for event in events]
+    assert kinds == ["image_generation.partial_image"] * 4 + ["image_generation.completed"] * 2
+    assert [e.partial_image_index for e in events[:4]] == [0, 0, 1, 1]
+    size = served.service.image_size()
+    assert all(e.size == f"{size}x{size}" and e.output_format == "png" for e in events)
+    partials = [decoded(e.b64_json) for e in events[:4]]
+    completed = [decoded(e.b64_json) for e in events[4:]]
+    assert all(p.size == (size, size) for p in partials)
+    # Previews are the images as they form: not yet the finished ones.
+    assert not np.array_equal(pixels(partials[2]), pixels(completed[0]))
+    plain = client.images.generate(prompt="a red circle", n=2, response_format="b64_json", extra_body=options)
+    for streamed, unstreamed in zip(completed, plain.data, strict=True):
+        assert np.array_equal(pixels(streamed), pixels(decoded(unstreamed.b64_json)))
+
+
+def test_a_streamed_edit_sends_image_edit_events(served, tmp_path):
+    picture = Image.new("RGBA", (32, 32), (0, 0, 255, 255))
+    picture.paste((0, 0, 0, 0), (8, 8, 24, 24))  # transparent: the part to edit
+    path = tmp_path / "edit.png"
+    picture.save(path)
+    with path.open("rb") as image:
+        stream = served.client().images.edit(
+            image=image, prompt="a red circle", stream=True, partial_images=1, extra_body={"seed": 3, **STEPS}
+        )
+        events = list(stream)
+    assert [e.type for e in events] == ["image_edit.partial_image", "image_edit.completed"]
+    assert events[0].partial_image_index == 0
+
+
+def test_partial_images_zero_streams_the_image_alone(served):
+    events = list(served.client().images.generate(prompt="a blue square", stream=True, partial_images=0))
+    assert [e.type for e in events] == ["image_generation.completed"]
+
+
+def test_output_formats_and_compression_reach_b64_and_urls(served):
+    client = served.client()
+    sizes = {}
+    for output_format, compression in (("webp", 90), ("jpeg", 90), ("jpeg", 5)):
+        response = client.images.generate(
+            prompt="a red circle",
+            response_format="b64_json",
+            extra_body={"seed": 2, "output_format": output_format, "output_compression": compression},
+        )
+        image = decoded(response.data[0].b64_json)
+        assert image.format == output_format.upper()
+        sizes[output_format, compression] = len(response.data[0].b64_json)
+    assert sizes["jpeg", 5] < sizes["jpeg", 90]  # compression is the quality asked for
+    linked = client.images.generate(prompt="a red circle", extra_body={"seed": 2, "output_format": "webp"})
+    answer = httpx.get(linked.data[0].url)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/webp"
+    assert Image.open(io.BytesIO(answer.content)).format == "WEBP"
+    # The signature covers the name asked for: the PNG's signature does not open the WEBP.
+    png_url = linked.data[0].url.replace(".webp?", ".png?")
+    assert httpx.get(png_url).status_code == 401
+    with pytest.raises(openai.BadRequestError, match="output_format"):
+        client.images.generate(prompt="a red circle", extra_body={"output_format": "gif"})
+    with pytest.raises(openai.BadRequestError, match="partial_images"):
+        client.images.generate(prompt="a red circle", stream=True, partial_images=4)
+
+
+def test_an_image_url_with_another_suffix_is_not_served(served):
+    made = served.client().images.generate(prompt="a red circle", extra_body={"seed": 1})
+    name = made.data[0].url.split("/images/")[1].split("?")[0]
+    stem = name.removesuffix(".png")
+    for other in (f"{stem}.txt", f"{stem}.PNG.webp", stem, f"{stem}.png.png"):
+        assert httpx.get(f"{served.url}/images/{other}").status_code in (401, 404)
+
+
+def test_a_stream_whose_client_hangs_up_stops_its_batch(served):
+    before = served.service.batcher.jobs_done
+    with httpx.stream(
+        "POST",
+        f"{served.url}/v1/images/generations",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={"prompt": "a red circle", "stream": True, "partial_images": 3, "decoder_steps": 100, "n": 8},
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("event: image_generation.partial_image"):
+                break  # one preview seen; hang up
+    cancelled = [line for line in served.log if "was cancelled" in line]
+    for _ in range(100):
+        if cancelled:
+            break
+        threading.Event().wait(0.1)
+        cancelled = [line for line in served.log if "was cancelled" in line]
+    assert cancelled and served.service.batcher.jobs_done == before + 1
+
+
+def test_watchers_hear_the_queue_then_each_stage_with_previews(served):
+    service = served.service
+    heard: list = []
+    blocker = service.submit(ImageRequest("text2im", prompt="a blue square", seed=1, sampling={"decoder_steps": 60}))
+    future = service.submit(
+        ImageRequest(
+            "inpaint",
+            prompt=None,
+            image=Image.new("RGB", (32, 32)),
+            mask=np.eye(32, dtype=bool),
+            seed=1,
+            sampling=STEPS,
+        )
+    )
+    future.watch(heard.append)
+    future.result(60)
+    blocker.result(60)
+    assert isinstance(heard[0], Queued) and heard[0].line().startswith("queued")
+    steps = [update for update in heard if isinstance(update, Step)]
+    assert {step.stage for step in steps} >= {"decoder unet 1"}
+    last = steps[-1]
+    assert last.decoded == 1.0 and last.step == last.steps and last.line() == f"{last.stage} {last.steps}/{last.steps}"
+    assert len(last.preview()) == 1 and last.preview()[0].size == (service.image_size(),) * 2
+
+
+def test_two_cpu_workers_make_the_images_one_worker_makes(tiny_config, tmp_path):
+    wanted = [ImageRequest("text2im", prompt=f"a red circle {k}", n=2, seed=40 + k) for k in range(4)]
+    made = {}
+    for workers in (1, 2):
+        with running(tiny_config, tmp_path / str(workers), window_s=0.0, max_batch=2, workers=workers) as server:
+            futures = [server.service.submit(request) for request in wanted]
+            made[workers] = [[pixels(Image.open(m.path)) for m in f.result(120)] for f in futures]
+            assert server.service.batcher.batches == 4
+    for one, two in zip(made[1], made[2], strict=True):
+        for a, b in zip(one, two, strict=True):
+            assert np.abs(a - b).max() <= 1
