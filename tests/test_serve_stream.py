@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import threading
 
 import httpx
@@ -165,3 +166,38 @@ def test_two_cpu_workers_make_the_images_one_worker_makes(tiny_config, tmp_path)
     for one, two in zip(made[1], made[2], strict=True):
         for a, b in zip(one, two, strict=True):
             assert np.abs(a - b).max() <= 1
+
+
+def test_served_edits_keep_their_inputs_so_info_and_from_make_them_again(served, tiny_config, tmp_path):
+    from dalle2_cli.io.output import read_metadata
+    from tests.helpers import invoke
+
+    picture = Image.new("RGB", (40, 40), (0, 90, 200))
+    picture.paste((250, 250, 0), (0, 0, 20, 40))
+    mask = Image.new("RGBA", (40, 40), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (10, 10, 30, 30))
+    picture.save(tmp_path / "upload.png")
+    mask.save(tmp_path / "mask.png")
+    client = served.client()
+    with (tmp_path / "upload.png").open("rb") as image, (tmp_path / "mask.png").open("rb") as mask_file:
+        edited = client.images.edit(image=image, mask=mask_file, prompt="a red circle", extra_body={"seed": 9})
+    with (tmp_path / "upload.png").open("rb") as image:
+        varied = client.images.create_variation(image=image, extra_body={"seed": 4})
+    for made, command in ((edited, "inpaint"), (varied, "variation")):
+        name = made.data[0].url.split("/images/")[1].split("?")[0]
+        path = served.service.directory / name
+        recorded = read_metadata(path)
+        assert recorded["source"] == "upload.png" and recorded["source_file"].startswith("inputs/")
+        assert (served.service.directory / recorded["source_file"]).is_file()
+        shown = invoke("info", path, check=True).stdout
+        assert f"source_file: {recorded['source_file']}" in shown
+        again = invoke(command, "--from", path, "-c", tiny_config, "-n", "1", "-o", tmp_path / command, "--json")
+        assert again.returncode == 0, again.stderr
+        remade = Image.open(json.loads(again.stdout)["images"][0]["path"])
+        assert np.abs(pixels(remade) - pixels(Image.open(path))).max() <= 1
+    assert read_metadata(served.service.directory / edited.data[0].url.split("/images/")[1].split("?")[0])["mask"]
+    # A kept input changed afterwards is refused by its digest, not silently used.
+    kept = served.service.directory / read_metadata(path)["source_file"]
+    kept.write_bytes(kept.read_bytes() + b"changed")
+    refused = invoke("variation", "--from", path, "-c", tiny_config, "-o", tmp_path / "no")
+    assert refused.returncode != 0 and "sha256 differs" in refused.stderr

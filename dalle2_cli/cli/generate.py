@@ -167,13 +167,27 @@ def _rerun(
     path: Path, requests: list, settings: SamplingSettings, model: ModelChoice
 ) -> tuple[list, SamplingSettings, ModelChoice]:
     """text2im --from: what the command line leaves unset comes from the image's metadata."""
-    from dalle2_cli.io.output import recorded_settings
     from dalle2_cli.io.prompts import Prompt
 
+    recorded, settings, model = _recorded_run(path, "text2im", settings, model)
+    if not recorded.get("prompt"):
+        raise InputError(f"--from {path} records no prompt")
+    return requests or [Prompt(recorded["prompt"])], settings, model
+
+
+def _recorded_run(
+    path: Path, command: str, settings: SamplingSettings, model: ModelChoice
+) -> tuple[dict[str, Any], SamplingSettings, ModelChoice]:
+    """--from IMAGE: its recorded settings, and the sampling settings and model to make it
+    again (what the command line sets wins)."""
+    from dalle2_cli.io.output import recorded_settings
+
     recorded = recorded_settings(path, "--from")
-    if recorded.get("command") != "text2im" or not recorded.get("prompt"):
-        raise InputError(f"--from {path} was made by `dalle2 {recorded.get('command')}`; --from re-runs text2im images")
-    requests = requests or [Prompt(recorded["prompt"])]
+    if recorded.get("command") != command:
+        raise InputError(
+            f"--from {path} was made by `dalle2 {recorded.get('command')}`: "
+            f"use `dalle2 {recorded.get('command')} --from {path}`"
+        )
     samplers = set(recorded.get("decoder_sampler") or []) | {recorded.get("prior_sampler")} - {None}
     settings = dataclasses.replace(
         settings,
@@ -187,57 +201,87 @@ def _rerun(
         sampler=settings.sampler or (samplers.pop() if len(samplers) == 1 else None),
         negative_prompt=settings.negative_prompt or recorded.get("negative_prompt"),
         ddim_eta=recorded.get("ddim_eta") if settings.ddim_eta is None else settings.ddim_eta,
+        pad=settings.pad or bool(recorded.get("pad")),
+        inpaint_resample_times=recorded.get("resample", settings.inpaint_resample_times),
     )
     if not model.named and not os.environ.get(CONFIG_ENV):
         recorded_path = Path(recorded.get("config_path") or "")
         config = str(recorded_path) if recorded_path.is_file() else recorded.get("config")
         model = dataclasses.replace(model, config=config or model.config)
-    return requests, settings, model
+    return recorded, settings, model
+
+
+FROM_HELP = "Make an image made by `dalle2 {0}` again (a served one too): its input{1}, seed, steps, scales and config."
 
 
 @command(app, generation(pad=True))
 def variation(
-    images: Annotated[list[Path], typer.Argument(help="One or more images to make variations of.")],
+    images: Annotated[list[Path] | None, typer.Argument(help="One or more images to make variations of.")] = None,
     text: Annotated[str | None, typer.Option("--text", help="Text for text-conditioned decoders.")] = None,
+    from_image: Annotated[Path | None, typer.Option("--from", help=FROM_HELP.format("variation", ""))] = None,
     *,
     generation: Generation,
 ) -> None:
     """Make new images with the content and style of existing ones."""
     from dalle2_cli.io.images import open_image
+    from dalle2_cli.io.output import recorded_input
     from dalle2_cli.scaleout.works import Work
 
     if text is not None and not text.strip():
         raise InputError("--text is empty: leave it out, or describe the image")
+    settings = generation.sampling.settings
+    if from_image is not None:
+        recorded, settings, model = _recorded_run(from_image, "variation", settings, generation.model)
+        generation = dataclasses.replace(generation, model=model)
+        images = images or [recorded_input(from_image, recorded, "source")]
+    if not images:
+        raise InputError("give one or more images, or --from IMAGE")
     pictures = [open_image(path) for path in images]
     note_fits(images, pictures, generation)
     count, sources = generation.sampling.num_images, [str(p) for p in images]
     work = Work("pipelines.ImageVariation", lambda script: script.run(pictures, count, text=text, sources=sources))
-    generate(work, generation)
+    generate(work, generation, settings)
 
 
 @command(app, generation(prior=True, pad=True, inpaint=True))
 def inpaint(
-    image: Annotated[Path, typer.Argument(help="The image to edit.")],
-    mask: Annotated[Path, typer.Argument(help="Same size as the image: white (or transparent) = regenerate.")],
+    image: Annotated[Path | None, typer.Argument(help="The image to edit.")] = None,
+    mask: Annotated[
+        Path | None, typer.Argument(help="Same size as the image: white (or transparent) = regenerate.")
+    ] = None,
     prompt: Annotated[str | None, typer.Argument(help="What to paint; without it, fill from the image.")] = None,
     mask_grow: Annotated[
         int, typer.Option("--mask-grow", metavar="PIXELS", help="Grow the area to regenerate by PIXELS all round.")
     ] = 0,
+    from_image: Annotated[
+        Path | None, typer.Option("--from", help=FROM_HELP.format("inpaint", ", mask, prompt"))
+    ] = None,
     *,
     generation: Generation,
 ) -> None:
     """Regenerate the masked area of an image."""
     from dalle2_cli.io.images import open_image, open_mask
+    from dalle2_cli.io.output import recorded_input
     from dalle2_cli.scaleout.works import Work
 
     if prompt is not None and not prompt.strip():
         raise InputError("the prompt is empty: leave it out to fill from the image itself")
+    settings = generation.sampling.settings
+    if from_image is not None:
+        if image is not None:
+            raise InputError("--from takes the image, mask and prompt from IMAGE: give none of them")
+        recorded, settings, model = _recorded_run(from_image, "inpaint", settings, generation.model)
+        generation = dataclasses.replace(generation, model=model)
+        image, mask = recorded_input(from_image, recorded, "source"), recorded_input(from_image, recorded, "mask")
+        prompt, mask_grow = recorded.get("prompt"), mask_grow or recorded.get("mask_grow") or 0
+    if image is None or mask is None:
+        raise InputError("give the image and its mask (white: regenerate), or --from IMAGE")
     picture = open_image(image)
-    regenerate = open_mask(mask, picture.size, grow=mask_grow, pad=generation.sampling.settings.pad)
+    regenerate = open_mask(mask, picture.size, grow=mask_grow, pad=settings.pad)
     note_fits([image], [picture], generation)
 
     def make(script: Any) -> list:
         extra = {"source": str(image), "mask_source": str(mask), "mask_grow": mask_grow}
         return script.run(picture, regenerate, prompt, generation.sampling.num_images, **extra)
 
-    generate(Work("pipelines.Inpainting", make), generation)
+    generate(Work("pipelines.Inpainting", make), generation, settings)

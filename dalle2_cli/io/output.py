@@ -228,6 +228,47 @@ def write_grid(
     return path
 
 
+INPUTS = "inputs"  # the folder of an output directory where a server keeps the images it was sent
+
+
+def keep_input(directory: Path, image: Image.Image) -> tuple[str, str]:
+    """`image` as a PNG in `directory`/inputs/, named by its digest (the same image is kept
+    once): its path relative to `directory`, and the file's sha256."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()
+    folder = directory / INPUTS
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{digest[:32]}.png"
+    if not target.is_file():
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
+    return f"{INPUTS}/{target.name}", digest
+
+
+def recorded_input(image_path: Path, recorded: dict[str, Any], role: str) -> Path:
+    """The file an image records as its `role` input ("source" or "mask"): a server's kept
+    copy (relative to the image's folder, its digest checked), or the path the CLI was given."""
+    from dalle2_cli.sources.digests import sha256_of
+
+    kept = recorded.get("source_file") if role == "source" else recorded.get("mask")
+    if not kept:
+        raise InputError(f"{image_path} records no {role} image: it was not made from one")
+    path = Path(kept)
+    if not path.is_absolute() and not path.exists():
+        path = image_path.parent / path
+    if not path.is_file():
+        raise InputError(f"{image_path} was made from {role} {kept}, which is not there: give the {role} image")
+    digest = recorded.get(f"{role}_sha256")
+    if digest and sha256_of(path) != digest:
+        raise InputError(f"{path} is not the {role} {image_path} was made from (its sha256 differs)")
+    return path
+
+
 def recorded_settings(path: Path, named_by: str = "") -> dict[str, Any]:
     """The settings dalle2 recorded in the image `path`, or a one-line InputError (whose
     message starts with `named_by`, what named the file, if anything)."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from dalle2_cli.errors import Cancelled, InputError, SettingError
@@ -248,7 +249,11 @@ class ImageService:
         except Cancelled as cancelled:
             self.log(f"a batch of {len(requests)} request(s) was cancelled: {cancelled}")
             raise
-        return [[self._save(item, request) for item in items] for request, items in zip(requests, made, strict=True)]
+        saved = []
+        for request, items in zip(requests, made, strict=True):
+            inputs = self._keep_inputs(request)
+            saved.append([self._save(item, request, inputs) for item in items])
+        return saved
 
     def _text_to_image(self, manager: Any, requests: Sequence[ImageRequest], progress: Any) -> list[list[Any]]:
         from dalle2_cli.io.prompts import Prompt
@@ -279,11 +284,29 @@ class ImageService:
         script = Inpainting(manager, request.settings(self.batcher.max_images), progress)
         return script.run(request.image, request.mask, request.prompt, request.n, source=request.source)
 
-    def _save(self, item: Any, request: ImageRequest) -> Made:
+    def _keep_inputs(self, request: ImageRequest) -> dict[str, Any]:
+        """An edit's or variation's uploaded image (and mask) kept in the output directory's
+        inputs/ folder under its digest, and what the made images record of them, so that
+        `dalle2 variation --from` and `dalle2 inpaint --from` make them again."""
+        if request.image is None:
+            return {}
+        from dalle2_cli.io.output import keep_input
+
+        image_path, image_digest = keep_input(self.directory, request.image)
+        kept = {"source_file": image_path, "source_sha256": image_digest}
+        if request.mask is not None:
+            mask = Image.fromarray(np.asarray(request.mask, dtype=np.uint8) * 255, "L")
+            mask_path, mask_digest = keep_input(self.directory, mask)
+            kept |= {"mask": mask_path, "mask_sha256": mask_digest}
+        return kept
+
+    def _save(self, item: Any, request: ImageRequest, inputs: dict[str, Any]) -> Made:
+        settings = {**item.settings, **inputs}
         if request.size is not None and request.size != item.image.width:
             resized = item.image.resize((request.size, request.size), Image.Resampling.LANCZOS)
-            settings = {**item.settings, "resized_to": request.size, "made_at": item.image.width}
-            item = dataclasses.replace(item, image=resized, settings=settings)
+            settings |= {"resized_to": request.size, "made_at": item.image.width}
+            item = dataclasses.replace(item, image=resized)
+        item = dataclasses.replace(item, settings=settings)
         if not self.record_paths:  # a client learns the files' names and digests, not where they are
             item = dataclasses.replace(item, provenance=without_paths(item.provenance))
         record = self._writer.write(item)
