@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dalle2_cli.cli.generate import fit_note
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.images import (
     MAX_PIXELS,
     fit_mask,
+    fit_note,
     fit_square,
     grow_mask,
     open_image,

@@ -278,7 +278,7 @@ def test_the_page_goes_through_the_same_batcher(served):
     from gradio_client import Client
 
     page = Client(served.url + "/", auth=("anyone", KEY), verbose=False)
-    gallery, files = page.predict(
+    gallery, files, *_ = page.predict(
         "a red circle\na blue square", 2, 7, "default", None, None, None, None, api_name="/text2im"
     )
     assert len(gallery) == 4 and len(files) == 4
@@ -334,12 +334,12 @@ def test_the_page_shows_the_seed_asked_for_and_that_seed_makes_the_image_again(r
 
     with running(reranking_config, tmp_path, key=None, page=True) as server:
         page = Client(server.url + "/", verbose=False)
-        gallery, files = page.predict("a red circle", 2, 7, "default", 0, 0, 0, 0, api_name="/text2im")
+        gallery, files, *_ = page.predict("a red circle", 2, 7, "default", 0, 0, 0, 0, api_name="/text2im")
         assert [item["caption"] for item in gallery] == ["seed 7: a red circle", "seed 8: a red circle"]
         # What makes this a test: some image kept a candidate other than the first (whose own
         # seed is the one asked for), so its own seed is not the caption's.
         kept = [read_metadata(Path(path))["rerank"] for path in files]
         assert any(rerank["kept"] != 0 for rerank in kept)
-        again, _ = page.predict("a red circle", 1, 8, "default", 0, 0, 0, 0, api_name="/text2im")
+        again, *_ = page.predict("a red circle", 1, 8, "default", 0, 0, 0, 0, api_name="/text2im")
         assert again[0]["caption"] == "seed 8: a red circle"
         assert_same_image(Image.open(gallery[1]["image"]), Image.open(again[0]["image"]))

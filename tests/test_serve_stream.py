@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -149,7 +150,7 @@ def test_watchers_hear_the_queue_then_each_stage_with_previews(served):
     blocker.result(60)
     assert isinstance(heard[0], Queued) and heard[0].line().startswith("queued")
     steps = [update for update in heard if isinstance(update, Step)]
-    assert {step.stage for step in steps} >= {"decoder unet 1"}
+    assert [stage for stage in dict.fromkeys(step.stage for step in steps)] == ["CLIP", "base", "upsampler"]
     last = steps[-1]
     assert last.decoded == 1.0 and last.step == last.steps and last.line() == f"{last.stage} {last.steps}/{last.steps}"
     assert len(last.preview()) == 1 and last.preview()[0].size == (service.image_size(),) * 2
@@ -201,3 +202,87 @@ def test_served_edits_keep_their_inputs_so_info_and_from_make_them_again(served,
     kept.write_bytes(kept.read_bytes() + b"changed")
     refused = invoke("variation", "--from", path, "-c", tiny_config, "-o", tmp_path / "no")
     assert refused.returncode != 0 and "sha256 differs" in refused.stderr
+
+
+# -- the page, through gradio's own client ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paged(tiny_config, tmp_path_factory):
+    with running(tiny_config, tmp_path_factory.mktemp("paged"), key=None, page=True, window_s=0.05) as server:
+        yield server
+
+
+def page_client(server):
+    from gradio_client import Client
+
+    return Client(server.url + "/", verbose=False)
+
+
+def follow(job, until=None, seconds: float = 120.0) -> list[str]:
+    """The status lines a page job shows, as it runs (until `until(lines)` says stop)."""
+    deadline = time.monotonic() + seconds
+    while not job.done() and time.monotonic() < deadline:
+        lines = [output[2] for output in job.outputs()]
+        if until is not None and until(lines):
+            return lines
+        time.sleep(0.05)
+    return [output[2] for output in job.outputs()]
+
+
+def test_the_page_shows_the_queue_then_stage_and_step_with_previews(paged):
+    page = page_client(paged)
+    job = page.submit("a red circle", 2, 3, "default", 0, 60, 0, 0, api_name="/text2im")
+    lines = follow(job)
+    gallery, files, status, session_gallery = job.result()
+    stages = " ".join(lines)
+    assert "prior" in stages and "base" in stages and "upsampler" in stages, lines
+    assert status.startswith("Made 2 images") and len(gallery) == 2 and len(files) == 2
+    galleries = [output[0] for output in job.outputs() if isinstance(output[0], list) and output[0]]  # not skipped
+    previews = [gallery for gallery in galleries if "preview" in (gallery[0]["caption"] or "")]
+    assert previews, "no preview reached the page"
+    shown = Image.open(previews[-1][0]["image"])
+    assert shown.size == (paged.service.image_size(),) * 2
+    assert [item["caption"] for item in session_gallery] == [item["caption"] for item in gallery]
+
+
+def test_cancel_stops_the_run_at_its_next_step_and_keeps_nothing(paged):
+    page = page_client(paged)
+    before = sorted(paged.service.directory.glob("*.png"))
+    job = page.submit("a blue square", 8, 1, "default", 0, 100, 0, 0, api_name="/text2im")
+    follow(job, until=lambda lines: any("base" in line for line in lines))
+    page.predict(api_name="/cancel")
+    follow(job)
+    assert job.outputs()[-1][2].startswith("Cancelled")
+    assert any("was cancelled" in line for line in paged.log)
+    assert sorted(paged.service.directory.glob("*.png")) == before
+
+
+def test_warnings_reach_the_page_and_an_error_keeps_the_last_results(paged, tmp_path):
+    from gradio_client import handle_file
+
+    page = page_client(paged)
+    long_prompt = " ".join(["red"] * 100)
+    gallery, _, status, _ = page.predict(long_prompt, 1, 3, "default", 0, 0, 0, 0, api_name="/text2im")
+    assert "longer than CLIP's" in status and len(gallery) == 1
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    with pytest.raises(Exception, match="cannot read the image notes.png") as refused:
+        page.predict(handle_file(str(text)), 1, 1, "default", 0, 0, 0, 0, api_name="/variation")
+    assert "/tmp" not in str(refused.value) and "Error" not in str(refused.value).split(":")[0]
+
+
+def test_png_info_reads_an_images_settings(paged):
+    from gradio_client import handle_file
+
+    page = page_client(paged)
+    _, files, _, _ = page.predict("a red circle", 1, 21, "default", 0, 0, 0, 0, api_name="/text2im")
+    recorded = page.predict(handle_file(files[0]), api_name="/info")
+    assert recorded["prompt"] == "a red circle" and recorded["seed"] == 21
+
+
+def test_api_answers_carry_the_warnings_the_page_shows(served):
+    response = served.client().images.generate(prompt=" ".join(["red"] * 100), extra_body={"seed": 1})
+    assert any("longer than CLIP's" in warning for warning in response.warnings)
+    quiet = served.client().images.generate(prompt="a red circle", extra_body={"seed": 1})
+    assert getattr(quiet, "warnings", None) is None

@@ -67,16 +67,10 @@ def apply_threads(model: ModelChoice) -> None:
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 
-def fit_note(name: str | Path, image: Any, pad: bool = False) -> str | None:
-    """The one-line note for a non-square input; None for a square one."""
-    if image.width == image.height:
-        return None
-    how = "padded to a square with white" if pad else "center-cropped to a square (--pad keeps all of it)"
-    return f"note: {name} is {image.width}x{image.height}; {how}"
-
-
 def note_fits(paths: Sequence[Path], pictures: Sequence[Any], options: Generation) -> None:
     """Say which inputs are not square, and so get center-cropped (or padded, with --pad)."""
+    from dalle2_cli.io.images import fit_note
+
     for path, picture in zip(paths, pictures, strict=True):
         if note := fit_note(path, picture, options.sampling.settings.pad):
             options.report.info(note)

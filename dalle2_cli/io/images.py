@@ -314,6 +314,16 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def fit_note(
+    name: str | Path, image: Image.Image, pad: bool = False, hint: str = " (--pad keeps all of it)"
+) -> str | None:
+    """The one-line note for a non-square input; None for a square one."""
+    if image.width == image.height:
+        return None
+    how = "padded to a square with white" if pad else f"center-cropped to a square{hint}"
+    return f"note: {name} is {image.width}x{image.height}; {how}"
+
+
 def to_pil(tensor: torch.Tensor) -> Image.Image:
     import torch
 

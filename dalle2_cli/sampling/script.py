@@ -158,12 +158,7 @@ class InferenceScript:
         return tokenize(clip, list(texts)).to(self.device)
 
     def _check_prompt(self, text: str, context_length: int) -> None:
-        """Warn about words CLIP will not see (past its context) or the model never saw."""
-        cut = cut_off_words(text, context_length)
-        if cut:
-            self.models.warn(f"the prompt is longer than CLIP's {context_length} tokens; left out: {ends(cut)}")
-        vocabulary = self.models.config.vocabulary
-        if vocabulary is not None and (warning := unknown_words(text, vocabulary.words, vocabulary.summary)):
+        for warning in prompt_warnings(text, context_length, self.models.config.vocabulary):
             self.models.warn(warning)
 
     def _embed_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -393,6 +388,17 @@ class InferenceScript:
             yield
         finally:
             self._holding -= 1
+
+
+def prompt_warnings(text: str, context_length: int, vocabulary: Any = None) -> list[str]:
+    """What to tell about a prompt: the words CLIP will not see (past its context), and those
+    the model never saw (where its config lists its `vocabulary`)."""
+    warnings = []
+    if cut := cut_off_words(text, context_length):
+        warnings.append(f"the prompt is longer than CLIP's {context_length} tokens; left out: {ends(cut)}")
+    if vocabulary is not None and (warning := unknown_words(text, vocabulary.words, vocabulary.summary)):
+        warnings.append(warning)
+    return warnings
 
 
 def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:

@@ -252,15 +252,17 @@ class _Images:
             raise APIError(503, str(error), code="stopping") from None
         except Dalle2Error as error:
             raise APIError.of(error, 503 if not self.service.ready else 400) from None
+        told = self.service.warnings(wanted)
         if getattr(fields, "stream", False):
             events = "image_edit" if kind == "inpaint" else "image_generation"
-            stream = _events(request, future, fields, events, wanted.size or self.service.image_size())
+            stream = _events(request, future, fields, events, wanted.size or self.service.image_size(), told)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
         made = await _wait(request, future)
         if made is None:  # the client hung up: nobody to answer
             return Response(status_code=499)
         data = await run_in_threadpool(lambda: [self.entry(m, fields, request) for m in made])
-        return JSONResponse({"created": int(time.time()), "data": data})
+        # `warnings` is ours (OpenAI's SDKs keep a field they do not know, as response.warnings).
+        return JSONResponse({"created": int(time.time()), "data": data} | ({"warnings": told} if told else {}))
 
     def entry(self, made: Any, fields: Any, request: Request) -> dict:
         if fields.response_format == "b64_json":
@@ -290,12 +292,12 @@ def _converted(image: Image.Image, output_format: str, compression: int | None) 
     return out.getvalue()
 
 
-async def _events(request: Request, future: Any, fields: Any, events: str, size: int) -> Any:
+async def _events(request: Request, future: Any, fields: Any, events: str, size: int, warnings: list[str]) -> Any:
     """Server-sent events as OpenAI streams them: `partial_images` previews of each image as
     it forms (at even steps through the decoder, as many as it reaches), then each image.
     Between them, at most once a second, a comment line with the queue place or the stage
     and step (": decoder unet 1 12/25"), which OpenAI's SDKs skip and which keeps the
-    connection busy."""
+    connection busy. Warnings come first, as comments too (": warning: ...")."""
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     wanted, sent, told = fields.partial_images, [0], [0.0]
 
@@ -313,6 +315,8 @@ async def _events(request: Request, future: Any, fields: Any, events: str, size:
     future.watch(watcher)
     done = asyncio.wrap_future(future)
     try:
+        for warning in warnings:
+            yield f": warning: {' '.join(warning.splitlines())}\n\n".encode()
         while True:
             taking = asyncio.ensure_future(updates.get())
             await asyncio.wait({taking, done}, return_when=asyncio.FIRST_COMPLETED)
@@ -321,7 +325,7 @@ async def _events(request: Request, future: Any, fields: Any, events: str, size:
                 break
             taken = taking.result()
             if isinstance(taken, str):
-                yield f": {taken}\n\n".encode()
+                yield f": {' '.join(taken.splitlines())}\n\n".encode()
                 continue
             index, pictures = taken
             encode = functools.partial(_partials, pictures, size, fields)

@@ -53,7 +53,19 @@ class BatchProgress(StoppableProgress):
         images = functools.cache(lambda: _pictures(preview())) if preview is not None else None
         for future, rows in zip(self.futures, self.rows, strict=True):
             mine = (lambda rows=rows: images()[rows]) if images is not None else None
-            future.tell(Step(label, self._done[label], self._planned.get(label, 0), decoded, mine))
+            future.tell(Step(self._named(label), self._done[label], self._planned.get(label, 0), decoded, mine))
+
+    def _named(self, label: str) -> str:
+        """A stage as a person reads it: prior, base, upsampler (or decoder, for one unet)."""
+        if not label.startswith("decoder unet "):
+            return label
+        unets = sum(name.startswith("decoder unet ") for name in self._planned)
+        number = int(label.rsplit(" ", 1)[1])
+        if unets == 1:
+            return "decoder"
+        if number == 1:
+            return "base"
+        return "upsampler" if unets == 2 else f"upsampler {number - 1}"
 
 
 def _pictures(batch: Any) -> list[Image.Image]:

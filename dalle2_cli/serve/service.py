@@ -212,6 +212,23 @@ class ImageService:
             request = dataclasses.replace(request, seed=random.randrange(2**31))
         return self.batcher.submit(request.batch_key(), request.n, request)
 
+    def warnings(self, request: ImageRequest) -> list[str]:
+        """What the requester should know: words CLIP will not see or the model never saw, an
+        input cropped to a square, images resized to the size asked for."""
+        from dalle2_cli.io.images import fit_note
+        from dalle2_cli.sampling.script import prompt_warnings
+
+        told = []
+        if request.prompt is not None and self.manager.config.clip is not None:
+            vocabulary = self.manager.config.vocabulary
+            told += prompt_warnings(request.prompt, self.manager.clip.max_text_len, vocabulary)
+        if request.image is not None and (note := fit_note(request.source or "the image", request.image, hint="")):
+            told.append(note.removeprefix("note: "))
+        made = self.image_size()
+        if request.size is not None and request.size != made:
+            told.append(f"{self.name} makes {made}x{made} images: these are resized to {request.size}x{request.size}")
+        return told
+
     def _check_plan(self, request: ImageRequest) -> None:
         """Settings the models cannot take (more steps than trained, say) are refused here, before
         the request waits or streams, not when its batch runs."""
