@@ -2,6 +2,12 @@
 same images made in-process, then a long mixed run with malformed requests.
 
     python scripts/bench_serve.py -c shapes --clients 1,4,16 --requests 4 --soak 500
+    python scripts/bench_serve.py -c shapes --clients 16 --layouts 1x2,2x1 --soak 0
+
+--layouts compares sampling workers on the CPU: WxT is W workers (`serve --workers W`) of T
+threads each, every layout a server of its own, measured at each --clients count in turn; each
+worker's batches hold at most --max-batch / W images, so that a burst of requests spreads
+over the workers.
 
 The server runs as the real `dalle2 serve` in its own process; the in-process figures (one
 image alone, and a batch of --max-batch images, as `dalle2 text2im --batch-size` makes them)
@@ -29,8 +35,9 @@ import httpx
 PROMPTS = ["a red circle", "a blue square on a black background", "a green triangle", "a yellow circle on blue"]
 
 
-def start_server(config: str, max_batch: int, window_ms: float, threads: int | None, directory: Path):
+def start_server(config: str, max_batch: int, window_ms: float, threads: int | None, directory: Path, workers: int = 1):
     command = [sys.executable, "-m", "dalle2_cli", "serve", "-c", config, "--port", "0", "--no-page"]
+    command += ["--workers", str(workers)]
     command += ["--max-batch", str(max_batch), "--batch-window-ms", str(window_ms), "-o", str(directory), "-q"]
     command += ["--queue-size", "1024"] + (["--threads", str(threads)] if threads else [])
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
@@ -150,6 +157,37 @@ def soak(url: str, total: int, clients: int, pid: int) -> dict:
     }
 
 
+def layouts(args: argparse.Namespace) -> None:
+    """--layouts: each WxT layout's server under the same load, and the in-process batched rate
+    with all the threads (what the CLI makes), in one run."""
+    reference = in_process(args.config, args.max_batch, args.rounds, args.threads)
+    results = []
+    for layout in args.layouts.split(","):
+        workers, threads = (int(part) for part in layout.split("x"))
+        with TemporaryDirectory() as directory:
+            batch = max(1, args.max_batch // workers)
+            process, url = start_server(
+                args.config, batch, args.window_ms, workers * threads, Path(directory), workers=workers
+            )
+            try:
+                for i, clients in enumerate(args.clients.split(",")):
+                    run = load(url, int(clients), args.requests, 10_000 * i)
+                    results.append({"layout": layout, "max_batch": batch, **run})
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    if args.json:
+        print(json.dumps({"reference": reference, "layouts": results}))
+        return
+    print(f"in-process (the CLI): a batch of {args.max_batch}: {reference['batch_images_per_s']:.2f} images/s")
+    for run in results:
+        print(
+            f"{run['layout']} (workers x threads, batches of {run['max_batch']}), {run['clients']} clients: "
+            f"{run['images_per_s']:.2f} images/s ({run['images_per_s'] / reference['batch_images_per_s']:.2f}x "
+            f"the CLI's batched rate), p50 {run['p50_s']:.2f} s, p95 {run['p95_s']:.2f} s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", default="shapes")
@@ -160,6 +198,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--soak", type=int, default=500, help="requests of the mixed run (0: none)")
+    parser.add_argument("--layouts", default=None, help="WxT,...: W workers of T threads each (see above)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -167,6 +206,9 @@ def main() -> None:
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
+    if args.layouts:
+        layouts(args)
+        return
     with TemporaryDirectory() as directory:
         process, url = start_server(args.config, args.max_batch, args.window_ms, args.threads, Path(directory))
         try:

@@ -286,3 +286,15 @@ def test_api_answers_carry_the_warnings_the_page_shows(served):
     assert any("longer than CLIP's" in warning for warning in response.warnings)
     quiet = served.client().images.generate(prompt="a red circle", extra_body={"seed": 1})
     assert getattr(quiet, "warnings", None) is None
+
+
+def test_a_replica_serves_a_link_another_signed_when_they_share_the_key_and_the_directory(tiny_config, tmp_path):
+    shared = tmp_path / "shared"
+    with running(tiny_config, shared) as first, running(tiny_config, shared) as second:
+        url = first.client().images.generate(prompt="a red circle", extra_body={"seed": 3}).data[0].url
+        path = url.split(first.url, 1)[1]
+        served = httpx.get(second.url + path)
+        assert served.status_code == 200 and served.content == httpx.get(url).content
+        assert httpx.get(second.url + path.split("?")[0]).status_code == 401  # unsigned: refused there too
+    with running(tiny_config, shared, key="another-key") as other:  # another key: its own links only
+        assert httpx.get(other.url + path).status_code == 401
