@@ -298,3 +298,22 @@ def test_a_replica_serves_a_link_another_signed_when_they_share_the_key_and_the_
         assert httpx.get(second.url + path.split("?")[0]).status_code == 401  # unsigned: refused there too
     with running(tiny_config, shared, key="another-key") as other:  # another key: its own links only
         assert httpx.get(other.url + path).status_code == 401
+
+
+def test_inpaint_on_a_blank_canvas_or_a_text_file_is_one_plain_line(paged, tmp_path):
+    from gradio_client import handle_file
+
+    page = page_client(paged)
+    blank, paint = tmp_path / "blank.png", tmp_path / "paint.png"
+    Image.new("RGBA", (64, 64), (255, 255, 255, 255)).save(blank)
+    stroke = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    stroke.paste((255, 0, 255, 255), (20, 20, 40, 40))
+    stroke.save(paint)
+    editor = {"background": handle_file(str(blank)), "layers": [handle_file(str(paint))], "composite": None}
+    with pytest.raises(Exception, match="one flat colour"):
+        page.predict(editor, "", 1, 1, "default", 0, 0, 0, 0, api_name="/inpaint")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    editor = {"background": handle_file(str(text)), "layers": [], "composite": None}
+    with pytest.raises(Exception, match="cannot read the image notes.png: it is not an image file"):
+        page.predict(editor, "", 1, 1, "default", 0, 0, 0, 0, api_name="/inpaint")
