@@ -317,3 +317,20 @@ def test_inpaint_on_a_blank_canvas_or_a_text_file_is_one_plain_line(paged, tmp_p
     editor = {"background": handle_file(str(text)), "layers": [], "composite": None}
     with pytest.raises(Exception, match="cannot read the image notes.png: it is not an image file"):
         page.predict(editor, "", 1, 1, "default", 0, 0, 0, 0, api_name="/inpaint")
+
+
+@pytest.mark.parametrize(
+    ("options", "said"),
+    [
+        (["--workers", "0"], "--workers 0: give 1 to 64"),
+        (["--workers", "2", "--low-memory"], "--workers with --low-memory"),
+        (["--devices", "cpu", "--workers", "2"], "leave out --workers and --device"),
+        (["--devices", "cuda:0,cuda:0"], "give distinct devices"),
+        (["--devices", " , "], "give distinct devices"),
+    ],
+)
+def test_serve_refuses_worker_options_that_cannot_work_in_one_line(tiny_config, tmp_path, options, said):
+    from tests.helpers import invoke
+
+    refused = invoke("serve", "-c", tiny_config, "--port", "0", *options, cwd=tmp_path)
+    assert refused.returncode != 0 and said in refused.stderr and "Traceback" not in refused.stderr

@@ -1,8 +1,9 @@
-"""The sampling loops, ours: the prior's, and each decoder unet's. They call dalle2-pytorch's
-networks (`DiffusionPriorNetwork`, `Unet`) and use their noise schedules (`NoiseScheduler`
-buffers and formulas), with a scheduler object choosing the steps (dalle2_cli.sampling.schedulers),
-noise passed in (one generator per image, dalle2_cli.sampling.noise), guidance as an explicit
-call (dalle2_cli.sampling.guidance) and progress as a callback. Nothing of dalle2-pytorch's is
+"""dalle2-pytorch's diffusion stages, the prior and each decoder unet, for the one sampling loop
+(dalle2_cli.sampling.stages). They call dalle2-pytorch's networks (`DiffusionPriorNetwork`,
+`Unet`) and use their noise schedules (`NoiseScheduler` buffers and formulas), with a
+scheduler object choosing the steps (dalle2_cli.sampling.schedulers), noise passed in (one
+generator per image, dalle2_cli.sampling.noise), guidance as an explicit call
+(dalle2_cli.sampling.guidance) and progress as a callback. Nothing of dalle2-pytorch's is
 swapped while they run (but the one guidance hook, see there), so batches may sample in
 several threads at once.
 
@@ -14,7 +15,6 @@ variance, low-resolution conditioning noised at sampling time, and RePaint inpai
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from dalle2_cli.errors import InputError
 from dalle2_cli.sampling.guidance import guided
 from dalle2_cli.sampling.schedulers import NoiseSource, Prediction, Scheduler
-
-Progress = Callable[[torch.Tensor], None]  # called once per step with the current prediction of the clean sample
+from dalle2_cli.sampling.stages import Progress, RePaint, sample
 
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +69,44 @@ class PriorConditions:
         return kwargs
 
 
+class PriorStage:
+    """dalle2-pytorch's `DiffusionPrior` as a stage: CLIP image embeddings from `conditions`,
+    guided on the whole output (the null branch drops the text, or takes a negative prompt's)."""
+
+    repaint = None
+
+    def __init__(self, prior: Any, conditions: PriorConditions, cond_scale: float = 1.0, batched_guidance: bool = True):
+        self.prior, self.cond_scale, self.batched_guidance = prior, cond_scale, batched_guidance
+        self.rows, self.device = conditions.text_embed.shape[0], conditions.text_embed.device
+        self.conditions = conditions.as_kwargs()
+        self.null = conditions.negative.as_kwargs() if conditions.negative is not None else None
+
+    def start(self, noise: NoiseSource) -> torch.Tensor:
+        x = noise.draw((self.rows, self.prior.image_embed_dim), self.device)
+        return _l2norm(x) * self.prior.image_embed_scale if self.prior.init_image_embed_l2norm else x
+
+    def predict(self, x: torch.Tensor, t: int, previous: Prediction | None) -> Prediction:
+        prior, times = self.prior, _times(t, x)
+        self_cond = previous.x0 if prior.net.self_cond and previous is not None else None
+        kwargs = {**self.conditions, "self_cond": self_cond}
+        output = guided(prior.net, x, times, self.cond_scale, kwargs, self.null, self.batched_guidance)
+        x0 = _clean_from(prior.noise_scheduler, x, times, output, prior.predict_x_start, prior.predict_v)
+        if not prior.predict_x_start:
+            x0 = x0.clamp(-1.0, 1.0)
+        if prior.predict_x_start and prior.sampling_clamp_l2norm:
+            x0 = _l2norm(x0) * prior.image_embed_scale
+        return Prediction(x0)
+
+    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
+        return self.prior.noise_scheduler.q_sample(clean, t=_times(t, clean), noise=noise.like(clean))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Unscaled, as CLIP's embeddings are."""
+        if self.prior.sampling_final_clamp_l2norm and self.prior.predict_x_start:
+            x = _l2norm(x) * self.prior.image_embed_scale
+        return x / self.prior.image_embed_scale
+
+
 def sample_prior(
     prior: Any,
     conditions: PriorConditions,
@@ -80,29 +117,7 @@ def sample_prior(
     progress: Progress | None = None,
 ) -> torch.Tensor:
     """Image embeddings, one per row of `conditions`, unscaled as CLIP's are."""
-    net, schedule = prior.net, prior.noise_scheduler
-    rows = conditions.text_embed.shape[0]
-    x = noise.draw((rows, prior.image_embed_dim), conditions.text_embed.device)
-    if prior.init_image_embed_l2norm:
-        x = _l2norm(x) * prior.image_embed_scale
-    kwargs = conditions.as_kwargs()
-    null = conditions.negative.as_kwargs() if conditions.negative is not None else None
-    x0 = None
-    for t in scheduler.timesteps:
-        times = _times(t, x)
-        self_cond = x0 if net.self_cond else None
-        output = guided(net, x, times, cond_scale, {**kwargs, "self_cond": self_cond}, null, batched_guidance)
-        x0 = _clean_from(schedule, x, times, output, prior.predict_x_start, prior.predict_v)
-        if not prior.predict_x_start:
-            x0 = x0.clamp(-1.0, 1.0)
-        if prior.predict_x_start and prior.sampling_clamp_l2norm:
-            x0 = _l2norm(x0) * prior.image_embed_scale
-        x = scheduler.step(Prediction(x0), t, x, noise)
-        if progress is not None:
-            progress(x0)
-    if prior.sampling_final_clamp_l2norm and prior.predict_x_start:
-        x = _l2norm(x) * prior.image_embed_scale
-    return x / prior.image_embed_scale
+    return sample(PriorStage(prior, conditions, cond_scale, batched_guidance), scheduler, noise, progress)
 
 
 def best_of(image_embeds: torch.Tensor, text_embeds: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -129,13 +144,69 @@ class UnetConditions:
 
 @dataclass
 class Inpaint:
-    """RePaint: `image` (in [0, 1]) is kept where `keep` is True; each step is taken
-    `resample_times` times, noising the result back in between, so that the regenerated area
-    and the kept one agree."""
+    """RePaint (dalle2_cli.sampling.stages.RePaint) in image terms: `image` (in [0, 1]) is kept
+    where `keep` is True, at every unet's size."""
 
     image: torch.Tensor
     keep: torch.Tensor  # [batch, height, width] booleans
     resample_times: int = 5
+
+
+class UnetStage:
+    """Unet `index` (from 0) of dalle2-pytorch's `Decoder` as a stage: images in [0, 1],
+    guided on every output channel. An upsampler takes the images of the unet before it as
+    `lowres_image`, noised at `lowres_noise_level` when it was trained with noised ones."""
+
+    def __init__(
+        self,
+        decoder: Any,
+        index: int,
+        conditions: UnetConditions,
+        noise: NoiseSource,
+        cond_scale: float = 1.0,
+        lowres_image: torch.Tensor | None = None,
+        lowres_noise_level: float = 0.2,
+        inpaint: Inpaint | None = None,
+        batched_guidance: bool = True,
+    ):
+        """What is computed once per batch; `noise` draws the upsampler's conditioning noise."""
+        from dalle2_pytorch.vqgan_vae import VQGanVAE
+
+        self.decoder, self.index, self.unet = decoder, index, decoder.unets[index]
+        if isinstance(decoder.vaes[index], VQGanVAE):
+            raise InputError(
+                f"decoder unet {index + 1} is a latent diffusion unet (it samples through a VQGAN-VAE), which "
+                "dalle2-cli does not sample: use a decoder without vaes"
+            )
+        self.schedule, self.size = decoder.noise_schedulers[index], decoder.image_sizes[index]
+        self.cond_scale, self.batched_guidance = cond_scale, batched_guidance
+        self.batch, self.device = conditions.image_embed.shape[0], conditions.image_embed.device
+        self.conditions: dict[str, Any] = {"image_embed": conditions.image_embed}
+        if conditions.text_encodings is not None:
+            self.conditions["text_encodings"] = conditions.text_encodings
+        if self.unet.lowres_cond:
+            self.conditions.update(_lowres(decoder, index, lowres_image, lowres_noise_level, self.size, noise))
+        self.repaint = None
+        if inpaint is not None:
+            known = decoder.normalize_img(_resize(inpaint.image, self.size))
+            keep = _resize(inpaint.keep.unsqueeze(1).float(), self.size).bool()
+            self.repaint = RePaint(known, keep, inpaint.resample_times)
+
+    def start(self, noise: NoiseSource) -> torch.Tensor:
+        return noise.draw((self.batch, self.decoder.sample_channels[self.index], self.size, self.size), self.device)
+
+    def predict(self, x: torch.Tensor, t: int, previous: Prediction | None) -> Prediction:
+        times = _times(t, x)
+        self_cond = previous.x0 if self.unet.self_cond and previous is not None else None
+        kwargs = {**self.conditions, "self_cond": self_cond}
+        output = guided(self.unet, x, times, self.cond_scale, kwargs, None, self.batched_guidance)
+        return _unet_prediction(self.decoder, self.index, self.schedule, x, times, output)
+
+    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
+        return self.schedule.q_sample(clean, t=_times(t, clean), noise=noise.like(clean))
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder.unnormalize_img(x)
 
 
 def sample_unet(
@@ -151,51 +222,11 @@ def sample_unet(
     batched_guidance: bool = True,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Unet `index` (from 0) of `decoder`: images in [0, 1]. An upsampler takes the images of
-    the unet before it as `lowres_image`, noised at `lowres_noise_level` when it was trained
-    with noised ones (the level its own file's config gives)."""
-    from dalle2_pytorch.vqgan_vae import VQGanVAE
-
-    unet = decoder.unets[index]
-    if isinstance(decoder.vaes[index], VQGanVAE):
-        raise InputError(
-            f"decoder unet {index + 1} is a latent diffusion unet (it samples through a VQGAN-VAE), which "
-            "dalle2-cli does not sample: use a decoder without vaes"
-        )
-    schedule = decoder.noise_schedulers[index]
-    size = decoder.image_sizes[index]
-    batch = conditions.image_embed.shape[0]
-    device = conditions.image_embed.device
-    extra: dict[str, Any] = {"image_embed": conditions.image_embed}
-    if conditions.text_encodings is not None:
-        extra["text_encodings"] = conditions.text_encodings
-    if unet.lowres_cond:
-        extra.update(_lowres(decoder, index, lowres_image, lowres_noise_level, size, noise))
-    known = keep = None
-    if inpaint is not None:
-        known = decoder.normalize_img(_resize(inpaint.image, size))
-        keep = _resize(inpaint.keep.unsqueeze(1).float(), size).bool()
-    x = noise.draw((batch, decoder.sample_channels[index], size, size), device)
-    x0 = None
-    repeats = inpaint.resample_times if inpaint is not None else 1
-    for t in scheduler.timesteps:
-        last_step = t == scheduler.timesteps[-1]
-        for r in reversed(range(repeats)):
-            times = _times(t, x)
-            if known is not None:  # RePaint (Lugmayr et al. 2022): the known part, noised to t
-                x = x * ~keep + schedule.q_sample(known, t=times, noise=noise.like(known)) * keep
-            self_cond = x0 if unet.self_cond else None
-            output = guided(unet, x, times, cond_scale, {**extra, "self_cond": self_cond}, None, batched_guidance)
-            prediction = _unet_prediction(decoder, index, schedule, x, times, output)
-            x0 = prediction.x0
-            x = scheduler.step(prediction, t, x, noise)
-            if known is not None and not (last_step or r == 0):
-                x = scheduler.renoise(x, scheduler.previous(t), t, noise)
-        if progress is not None:
-            progress(x0 if known is None else x0 * ~keep + known * keep)
-    if known is not None:
-        x = x * ~keep + known * keep
-    return decoder.unnormalize_img(x)
+    """Unet `index` (from 0) of `decoder`: images in [0, 1] (see UnetStage)."""
+    stage = UnetStage(
+        decoder, index, conditions, noise, cond_scale, lowres_image, lowres_noise_level, inpaint, batched_guidance
+    )
+    return sample(stage, scheduler, noise, progress)
 
 
 def _unet_prediction(
