@@ -216,16 +216,12 @@ def sample_unet(
     scheduler: Scheduler,
     noise: NoiseSource,
     cond_scale: float = 1.0,
-    lowres_image: torch.Tensor | None = None,
-    lowres_noise_level: float = 0.2,
-    inpaint: Inpaint | None = None,
-    batched_guidance: bool = True,
     progress: Progress | None = None,
+    **stage_options: Any,
 ) -> torch.Tensor:
-    """Unet `index` (from 0) of `decoder`: images in [0, 1] (see UnetStage)."""
-    stage = UnetStage(
-        decoder, index, conditions, noise, cond_scale, lowres_image, lowres_noise_level, inpaint, batched_guidance
-    )
+    """Unet `index` (from 0) of `decoder`: images in [0, 1]. `stage_options` are UnetStage's
+    (lowres_image, lowres_noise_level, inpaint, batched_guidance)."""
+    stage = UnetStage(decoder, index, conditions, noise, cond_scale, **stage_options)
     return sample(stage, scheduler, noise, progress)
 
 
