@@ -174,7 +174,7 @@ def _recorded_run(
 ) -> tuple[dict[str, Any], SamplingSettings, ModelChoice]:
     """--from IMAGE: its recorded settings, and the sampling settings and model to make it
     again (what the command line sets wins)."""
-    from dalle2_cli.io.output import recorded_settings
+    from dalle2_cli.io.output import recorded_sampler, recorded_settings
 
     recorded = recorded_settings(path, "--from")
     if recorded.get("command") != command:
@@ -182,7 +182,6 @@ def _recorded_run(
             f"--from {path} was made by `dalle2 {recorded.get('command')}`: "
             f"use `dalle2 {recorded.get('command')} --from {path}`"
         )
-    samplers = set(recorded.get("decoder_sampler") or []) | {recorded.get("prior_sampler")} - {None}
     settings = dataclasses.replace(
         settings,
         seed=recorded.get("seed") if settings.seed is None else settings.seed,
@@ -192,7 +191,7 @@ def _recorded_run(
         else settings.prior_cond_scale,
         decoder_steps=settings.decoder_steps or recorded.get("decoder_steps"),
         decoder_cond_scale=settings.decoder_cond_scale or recorded.get("decoder_cond_scale"),
-        sampler=settings.sampler or (samplers.pop() if len(samplers) == 1 else None),
+        sampler=settings.sampler or recorded_sampler(recorded),
         negative_prompt=settings.negative_prompt or recorded.get("negative_prompt"),
         ddim_eta=recorded.get("ddim_eta") if settings.ddim_eta is None else settings.ddim_eta,
         pad=settings.pad or bool(recorded.get("pad")),

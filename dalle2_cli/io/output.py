@@ -250,6 +250,12 @@ def keep_input(directory: Path, image: Image.Image) -> tuple[str, str]:
     return f"{INPUTS}/{target.name}", digest
 
 
+def recorded_sampler(recorded: dict[str, Any]) -> str | None:
+    """The sampler every stage of a recorded image used, or None (none recorded, or several)."""
+    samplers = set(recorded.get("decoder_sampler") or []) | {recorded.get("prior_sampler")} - {None}
+    return samplers.pop() if len(samplers) == 1 else None
+
+
 def recorded_input(image_path: Path, recorded: dict[str, Any], role: str) -> Path:
     """The file an image records as its `role` input ("source" or "mask"): a server's kept
     copy (relative to the image's folder, its digest checked), or the path the CLI was given."""

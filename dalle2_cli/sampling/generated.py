@@ -10,6 +10,12 @@ from typing import Any
 from PIL import Image
 
 
+def seed_asked(settings: dict[str, Any], own_seed: int) -> int:
+    """The seed asked for an image whose settings (or PNG metadata) are `settings`: for a
+    reranked image, the seed its candidates were drawn from; else its own."""
+    return settings.get("rerank", {}).get("image_seed", own_seed)
+
+
 @dataclass
 class GeneratedImage:
     image: Image.Image
@@ -25,7 +31,7 @@ class GeneratedImage:
     def asked_seed(self) -> int:
         """The seed asked for this image: its own, or for a reranked image the seed its
         candidates were drawn from (given again, it makes this image again)."""
-        return self.settings.get("rerank", {}).get("image_seed", self.seed)
+        return seed_asked(self.settings, self.seed)
 
     def metadata(self) -> dict[str, Any]:
         """Everything a PNG of this image records (see `dalle2 info`)."""

@@ -201,7 +201,7 @@ def create_app(
 
     app.add_middleware(_ApiEdge, say=say)
     app.add_middleware(Gate, hosts=hosts, cors_origins=cors_origins, max_body=MAX_BODY)
-    api = _Images(service, api_key)
+    api = _Images(service, api_key, say)
     _image_routes(app, api)
     _other_routes(app, api)
     return app
@@ -210,8 +210,8 @@ def create_app(
 class _Images:
     """What the routes share: the service, the key, and the answer to a checked request."""
 
-    def __init__(self, service: ImageService, api_key: str | None):
-        self.service, self.api_key = service, api_key
+    def __init__(self, service: ImageService, api_key: str | None, say: Any):
+        self.service, self.api_key, self.say = service, api_key, say
 
     def authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -255,7 +255,7 @@ class _Images:
         told = self.service.warnings(wanted)
         if getattr(fields, "stream", False):
             events = "image_edit" if kind == "inpaint" else "image_generation"
-            stream = _events(request, future, fields, events, wanted.size or self.service.image_size(), told)
+            stream = _events(future, fields, events, wanted.size or self.service.image_size(), told, self.say)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
         made = await _wait(request, future)
         if made is None:  # the client hung up: nobody to answer
@@ -278,11 +278,16 @@ class _Images:
 
 
 def _encoded(path: Path, output_format: str, compression: int | None) -> str:
-    """A saved PNG as base64, in the format asked for (webp and jpeg at `compression` quality)."""
+    """A saved PNG as base64, in the format asked for."""
+    return base64.b64encode(_file_in(path, output_format, compression)).decode()
+
+
+def _file_in(path: Path, output_format: str, compression: int | None) -> bytes:
+    """A saved PNG's bytes, or the image converted (webp and jpeg at `compression` quality)."""
     if output_format == "png":
-        return base64.b64encode(path.read_bytes()).decode()
+        return path.read_bytes()
     with Image.open(path) as image:
-        return base64.b64encode(_converted(image, output_format, compression)).decode()
+        return _converted(image, output_format, compression)
 
 
 def _converted(image: Image.Image, output_format: str, compression: int | None) -> bytes:
@@ -292,26 +297,25 @@ def _converted(image: Image.Image, output_format: str, compression: int | None) 
     return out.getvalue()
 
 
-async def _events(request: Request, future: Any, fields: Any, events: str, size: int, warnings: list[str]) -> Any:
+async def _events(future: Any, fields: Any, events: str, size: int, warnings: list[str], say: Any) -> Any:
     """Server-sent events as OpenAI streams them: `partial_images` previews of each image as
     it forms (at even steps through the decoder, as many as it reaches), then each image.
     Between them, at most once a second, a comment line with the queue place or the stage
-    and step (": decoder unet 1 12/25"), which OpenAI's SDKs skip and which keeps the
+    and step (": base 12/25"), which OpenAI's SDKs skip and which keeps the
     connection busy. Warnings come first, as comments too (": warning: ...")."""
     loop, updates = asyncio.get_running_loop(), asyncio.Queue()
     wanted, sent, told = fields.partial_images, [0], [0.0]
 
-    def watcher(update: Any) -> None:  # on a sampling thread: take what is needed, hand it over
+    def watcher(update: Any) -> None:  # on a sampling thread: hand over what is needed, no more
         due = isinstance(update, Step) and update.preview is not None and sent[0] < wanted
         if due and update.decoded >= (sent[0] + 1) / (wanted + 1):
             index, sent[0] = sent[0], sent[0] + 1
-            loop.call_soon_threadsafe(updates.put_nowait, (index, update.preview()))
+            loop.call_soon_threadsafe(updates.put_nowait, (index, update))
         elif time.monotonic() - told[0] >= 1.0:
             told[0] = time.monotonic()
             loop.call_soon_threadsafe(updates.put_nowait, update.line())
 
-    shape = {"background": "opaque", "quality": "auto", "output_format": fields.output_format}
-    shape["size"] = f"{size}x{size}"
+    shape = {"background": "opaque", "quality": "auto", "output_format": fields.output_format, "size": f"{size}x{size}"}
     future.watch(watcher)
     done = asyncio.wrap_future(future)
     try:
@@ -327,8 +331,8 @@ async def _events(request: Request, future: Any, fields: Any, events: str, size:
             if isinstance(taken, str):
                 yield f": {' '.join(taken.splitlines())}\n\n".encode()
                 continue
-            index, pictures = taken
-            encode = functools.partial(_partials, pictures, size, fields)
+            index, step = taken
+            encode = functools.partial(_partials, step, size, fields)
             for b64 in await run_in_threadpool(encode):
                 body = {"type": f"{events}.partial_image", "b64_json": b64, "partial_image_index": index}
                 yield _event(body["type"], {**body, **shape, "created_at": int(time.time())})
@@ -341,7 +345,8 @@ async def _events(request: Request, future: Any, fields: Any, events: str, size:
         except Dalle2Error as failure:
             yield _event("error", {"type": "error", "error": APIError.of(failure).body()})
             return
-        except Exception:  # noqa: BLE001 - the service has logged it; the client gets no trace
+        except Exception as failure:  # noqa: BLE001 - one line in the log, no trace to the client
+            say(f"error: a streamed request failed: {type(failure).__name__}: {failure}")
             error = APIError(500, "the server failed to make the images; its log says why")
             yield _event("error", {"type": "error", "error": error.body()})
             return
@@ -355,9 +360,10 @@ async def _events(request: Request, future: Any, fields: Any, events: str, size:
             done.cancel()
 
 
-def _partials(pictures: list[Image.Image], size: int, fields: Any) -> list[str]:
-    resized = [p if p.width == size else p.resize((size, size), Image.Resampling.BICUBIC) for p in pictures]
-    return [base64.b64encode(_converted(p, fields.output_format, fields.output_compression)).decode() for p in resized]
+def _partials(step: Step, size: int, fields: Any) -> list[str]:
+    """A step's previews of the request's images, encoded as the request asked."""
+    encoded = (_converted(p, fields.output_format, fields.output_compression) for p in step.pictures(size))
+    return [base64.b64encode(data).decode() for data in encoded]
 
 
 def _event(name: str, data: dict) -> bytes:
@@ -437,12 +443,8 @@ def _other_routes(app: FastAPI, api: _Images) -> None:
             return FileResponse(path, media_type="image/png")
         if compression is not None and not 0 <= compression <= 100:
             raise APIError(400, "compression must be from 0 to 100", "compression")
-
-        def convert() -> bytes:
-            with Image.open(path) as image:
-                return _converted(image, output_format, compression)
-
-        return Response(await run_in_threadpool(convert), media_type=FORMATS[output_format])
+        converted = await run_in_threadpool(_file_in, path, output_format, compression)
+        return Response(converted, media_type=FORMATS[output_format])
 
     # Last: a path under /v1 or /images that no route above takes, or not with this method.
     @app.api_route("/v1/{rest:path}", methods=list(METHODS))

@@ -29,6 +29,11 @@ class Step:
     def line(self) -> str:
         return f"{self.stage} {self.step}/{self.steps}"
 
+    def pictures(self, size: int) -> list[Image.Image]:
+        """The request's images as they stand, upsampled to `size` (the final images' side)."""
+        assert self.preview is not None, "only decoder stages have pictures"
+        return [p if p.width == size else p.resize((size, size), Image.Resampling.BICUBIC) for p in self.preview()]
+
 
 class BatchProgress(StoppableProgress):
     """The progress of one batch: stops it once `stop()` says so, and tells each job's future

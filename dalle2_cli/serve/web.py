@@ -14,10 +14,8 @@ mistake is one line on the page and one in the log.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hmac
-import queue
 import re
 import secrets
 import threading
@@ -45,7 +43,6 @@ AUTH_MESSAGE = "This server asks for its API key: any user name, the key as pass
 MAX_HISTORY = 60  # this session's images kept in its gallery
 POLL_S = 0.25  # how often a running request's status line is brought up to date
 PREVIEW_EVERY_S = 0.75  # previews are files gradio writes: not every step
-OUTPUTS = 6  # gallery, files, status, session gallery, shown, history
 
 # Ctrl+Enter (Cmd+Enter) in a prompt box clicks its button; Shift+Enter is a new line (gradio's
 # multi-line box would take it as a submit, which these boxes do not have). Capture phase: before
@@ -99,6 +96,7 @@ class _Runs:
     def end(self, session: str) -> None:
         with self._lock:
             self._running.pop(session, None)
+            self._cancelled.discard(session)
 
     def cancel(self, session: str) -> bool:
         """Stop the session's requests (a batch stops at its next step once nobody waits for
@@ -129,16 +127,18 @@ def _follow(
     for warning in warnings:
         gr.Warning(warning)
     notes = "".join(f"\n\n⚠ {warning}" for warning in warnings)
-    updates: queue.SimpleQueue = queue.SimpleQueue()
+    # Only a wake-up: the loop reads each future's latest update (a queue of every step's
+    # update would grow with fast steps, each holding its batch's tensors).
+    changed = threading.Event()
     for future in futures:
-        future.watch(updates.put)
+        future.watch(lambda update: changed.set())
     runs.begin(session, futures)
     started, previewed = time.monotonic(), 0.0
     skip = gr.skip()
     try:
         while not all(future.done() for future in futures) and not runs.cancelled(session):
-            with contextlib.suppress(queue.Empty):
-                updates.get(timeout=POLL_S)
+            changed.wait(POLL_S)
+            changed.clear()
             time.sleep(POLL_S / 2)  # at most a few updates a second, however fast the steps
             previews = None
             if time.monotonic() - previewed >= PREVIEW_EVERY_S:
@@ -179,10 +179,7 @@ def _previews(futures: Sequence[Any], size: int) -> list[tuple[Image.Image, str]
     for future in futures:
         latest = future.latest
         if isinstance(latest, Step) and latest.preview is not None:
-            for picture in latest.preview():
-                if picture.width != size:
-                    picture = picture.resize((size, size), Image.Resampling.BICUBIC)
-                shown.append((picture, f"preview: {latest.line()}"))
+            shown += [(picture, f"preview: {latest.line()}") for picture in latest.pictures(size)]
     return shown
 
 
@@ -226,12 +223,13 @@ def _form_from(metadata: dict) -> list:
         values = value if isinstance(value, list) else [value]
         return values[0] if values and all(v == values[0] for v in values) and values[0] is not None else 0
 
-    samplers = set(metadata.get("decoder_sampler") or []) | {metadata.get("prior_sampler")} - {None}
-    seed = metadata.get("rerank", {}).get("image_seed", metadata.get("seed", -1))
+    from dalle2_cli.io.output import recorded_sampler
+    from dalle2_cli.sampling.generated import seed_asked
+
     return [
         metadata.get("prompt") or gr.skip(),
-        seed,
-        samplers.pop() if len(samplers) == 1 else "default",
+        seed_asked(metadata, metadata.get("seed", -1)),
+        recorded_sampler(metadata) or "default",
         one(metadata.get("prior_steps")),
         one(metadata.get("decoder_steps")),
         one(metadata.get("prior_cond_scale")),
@@ -438,7 +436,8 @@ def _chosen(shown: list, selected: int) -> dict:
 
 def _reuse(shown: list, selected: int) -> list:
     record = _chosen(shown, selected)
-    tab = {"variation": "variation", "inpaint": "inpaint"}.get(record["metadata"].get("command"), "text2im")
+    command = record["metadata"].get("command")
+    tab = command if command in ("variation", "inpaint") else "text2im"
     return [*_form_from(record["metadata"]), gr.Tabs(selected=tab)]
 
 
