@@ -22,6 +22,7 @@ class Batch:
     seeds: list[int]
     image_embed: torch.Tensor
     text_encodings: torch.Tensor | None = None
+    text_embed: torch.Tensor | None = None
     keep_images: torch.Tensor | None = None
     keep_masks: torch.Tensor | None = None
 
@@ -40,16 +41,18 @@ class DecoderBatches:
         text_encoding: Sequence[torch.Tensor] | torch.Tensor | None,
         sample_count: int,
         batch_size: int,
-        encode_text: Callable[[list[str]], torch.Tensor] | None,
+        encode_text: Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]] | None,
     ):
-        """`seeds`: one per image, input by input. `encode_text`: CLIP's per-token encodings of
-        texts, or None for a decoder not conditioned on text (then no text is encoded)."""
+        """`seeds`: one per image, input by input. `encode_text`: CLIP's text embeddings and
+        per-token encodings of texts, or None for a decoder not conditioned on text (then no
+        text is encoded). Encodings given as `text_encoding` come without embeddings."""
         count = embeds.shape[0]
         self.embeds = embeds
         self.jobs = [index for index in range(count) for _ in range(sample_count)]
         self.seeds = list(seeds)
         self.batch_size = batch_size
         self.encodings: list[torch.Tensor | None] = [None] * len(self)
+        self.text_embeds: list[torch.Tensor | None] = [None] * len(self)
         if encode_text is not None:
             if text_encoding is not None:
                 given = stack_rows(text_encoding)
@@ -57,7 +60,9 @@ class DecoderBatches:
                 self.encodings = [given[chunk] for chunk in self._chunks()]
             else:
                 texts = [text] * count if text is None or isinstance(text, str) else list(text)
-                self.encodings = [encode_text([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
+                encoded = [encode_text([texts[i] or "" for i in chunk]) for chunk in self._chunks()]
+                self.text_embeds = [embeds for embeds, _ in encoded]
+                self.encodings = [encodings for _, encodings in encoded]
         self.keep_images = self.keep_masks = None
 
     def inpaint(self, images: Sequence[Image.Image] | None, masks: Sequence[Any] | None, size: int, pad: bool) -> None:
@@ -79,7 +84,8 @@ class DecoderBatches:
     def __iter__(self) -> Iterator[Batch]:
         for number, chunk in enumerate(self._chunks()):
             start = number * self.batch_size
-            batch = Batch(chunk, self.seeds[start : start + len(chunk)], self.embeds[chunk], self.encodings[number])
+            seeds = self.seeds[start : start + len(chunk)]
+            batch = Batch(chunk, seeds, self.embeds[chunk], self.encodings[number], self.text_embeds[number])
             if self.keep_images is not None:
                 batch.keep_images, batch.keep_masks = self.keep_images[chunk], self.keep_masks[chunk]
             yield batch

@@ -116,8 +116,13 @@ def sample_prior(
     batched_guidance: bool = True,
     progress: Progress | None = None,
 ) -> torch.Tensor:
-    """Image embeddings, one per row of `conditions`, unscaled as CLIP's are."""
-    return sample(PriorStage(prior, conditions, cond_scale, batched_guidance), scheduler, noise, progress)
+    """Image embeddings, one per row of `conditions`, unscaled as CLIP's are. A prior of another
+    family (Karlo's) makes its own stage."""
+    if hasattr(prior, "stage"):
+        stage = prior.stage(conditions, cond_scale, batched_guidance)
+    else:
+        stage = PriorStage(prior, conditions, cond_scale, batched_guidance)
+    return sample(stage, scheduler, noise, progress)
 
 
 def best_of(image_embeds: torch.Tensor, text_embeds: torch.Tensor, candidates: int) -> torch.Tensor:
@@ -136,10 +141,13 @@ def best_of(image_embeds: torch.Tensor, text_embeds: torch.Tensor, candidates: i
 
 @dataclass
 class UnetConditions:
-    """What one unet is conditioned on, one row per image."""
+    """What one unet is conditioned on, one row per image. Karlo's decoder also reads CLIP's
+    text embedding, and its guidance's `null` text (one row: the empty or a negative prompt)."""
 
     image_embed: torch.Tensor
     text_encodings: torch.Tensor | None = None
+    text_embed: torch.Tensor | None = None
+    null: PriorConditions | None = None
 
 
 @dataclass
@@ -220,8 +228,13 @@ def sample_unet(
     **stage_options: Any,
 ) -> torch.Tensor:
     """Unet `index` (from 0) of `decoder`: images in [0, 1]. `stage_options` are UnetStage's
-    (lowres_image, lowres_noise_level, inpaint, batched_guidance)."""
-    stage = UnetStage(decoder, index, conditions, noise, cond_scale, **stage_options)
+    (lowres_image, lowres_noise_level, inpaint, batched_guidance). A decoder of another family
+    (Karlo's) makes its own stages."""
+    if hasattr(decoder, "stage"):
+        final = scheduler.timesteps[-1]
+        stage = decoder.stage(index, conditions, noise, cond_scale, final_timestep=final, **stage_options)
+    else:
+        stage = UnetStage(decoder, index, conditions, noise, cond_scale, **stage_options)
     return sample(stage, scheduler, noise, progress)
 
 

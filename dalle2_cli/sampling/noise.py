@@ -56,3 +56,29 @@ class GlobalNoise:
 
     def draw(self, shape: tuple[int, ...], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         return torch.randn(shape, device=device, dtype=dtype)
+
+
+class GeneratorNoise:
+    """Noise from torch generators, drawn as diffusers draws it (`randn_tensor`): one generator
+    for the whole batch, or one per row. The same generators give diffusers' pipelines and our
+    loop the same noise, draw for draw (what the parity tests rely on; also a way to reproduce a
+    diffusers run from Python)."""
+
+    def __init__(self, generators: torch.Generator | Sequence[torch.Generator]):
+        self.generators = generators if isinstance(generators, torch.Generator) else list(generators)
+
+    def like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.draw(tuple(x.shape), x.device, x.dtype)
+
+    def draw(self, shape: tuple[int, ...], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        generators = self.generators
+        if isinstance(generators, list) and len(generators) == 1:
+            generators = generators[0]
+        if isinstance(generators, torch.Generator):
+            noise = torch.randn(shape, generator=generators, device=generators.device, dtype=dtype)
+        else:
+            if len(generators) != shape[0]:
+                raise ValueError(f"{len(generators)} generators for {shape[0]} rows: give one per row")
+            row = (1, *shape[1:])
+            noise = torch.cat([torch.randn(row, generator=g, device=g.device, dtype=dtype) for g in generators])
+        return noise.to(device)

@@ -230,8 +230,11 @@ def make_scheduler(
     """The sampler `name` for a network with this schedule, set to `steps` network evaluations.
     `flavour` is PRIOR or DECODER (dalle2-pytorch's DDIM differs between them); `eta` the
     DDIM noise (default: dalle2-pytorch's, 1 for the prior and the decoder's own)."""
+    # A schedule of another family (Karlo's) brings its own ancestral sampler and DDIM variant.
+    flavour = getattr(schedule, "ddim_flavour", flavour)
     if name == "ddpm":
-        scheduler: Scheduler = DDPM(schedule, learned_variance_frac)
+        ancestral = getattr(schedule, "ancestral", None)
+        scheduler: Scheduler = ancestral() if ancestral is not None else DDPM(schedule, learned_variance_frac)
     elif name == "ddim":
         scheduler = DDIM(schedule, flavour, 1.0 if eta is None else eta)
     elif name == "dpm++2m":

@@ -30,7 +30,14 @@ from dalle2_cli.sampling.loops import Inpaint, PriorConditions, UnetConditions, 
 from dalle2_cli.sampling.noise import ImageNoise
 from dalle2_cli.sampling.progress import NoProgress
 from dalle2_cli.sampling.schedulers import PRIOR, make_scheduler, unet_scheduler
-from dalle2_cli.sampling.settings import SamplingSettings, StagePlan, Trained, check_finite, plan_stage
+from dalle2_cli.sampling.settings import (
+    SamplingSettings,
+    StageDefaults,
+    StagePlan,
+    Trained,
+    check_finite,
+    plan_stage,
+)
 
 
 def _per_unet(values: Sequence | None, count: int, what: str) -> list:
@@ -106,7 +113,11 @@ class InferenceScript:
                         "a negative prompt acts through the prior's guidance, which is off at scale 1: "
                         "raise the prior's guidance scale (to 2, say) for it to count"
                     )
-        elif self.settings.negative_prompt is not None and "negative unused" not in self._warned:
+        elif (
+            self.settings.negative_prompt is not None
+            and getattr(self.models.decoder, "null_text", None) is None
+            and "negative unused" not in self._warned
+        ):
             self._warned.add("negative unused")
             self.models.warn("the negative prompt is ignored: it steers the prior, which this run does not use")
         unets = self.decoder_plans()
@@ -139,13 +150,36 @@ class InferenceScript:
         scales = _per_unet(s.decoder_cond_scale, count, "decoder_cond_scale")
         plans = []
         for number, defaults in enumerate(self.models.decoder_defaults()):
-            schedule = decoder.noise_schedulers[number]
-            trained = Trained(schedule.num_timesteps, decoder.can_classifier_guidance, decoder.sample_timesteps[number])
+            if hasattr(decoder, "trained"):  # another family's decoder says it itself
+                trained = decoder.trained(number)
+            else:
+                schedule = decoder.noise_schedulers[number]
+                trained = Trained(
+                    schedule.num_timesteps, decoder.can_classifier_guidance, decoder.sample_timesteps[number]
+                )
             where = f"for unet {number + 1} " if count > 1 else ""
+            sampler = s.sampler
+            if number == 1 and self.models.family == "karlo":
+                # One value (`--decoder-steps 8`) is the decoder's; the super-resolution keeps its 7.
+                given = s.decoder_steps if s.decoder_steps is not None and len(s.decoder_steps) > 1 else None
+                steps[number] = given[number] if given else None
+                sampler = self._karlo_super_res(steps[number], defaults)
             plans.append(
-                plan_stage("decoder", trained, steps[number], scales[number], s.sampler, defaults, where, s.ddim_eta)
+                plan_stage("decoder", trained, steps[number], scales[number], sampler, defaults, where, s.ddim_eta)
             )
         return plans
+
+    def _karlo_super_res(self, steps: int | None, defaults: StageDefaults) -> str | None:
+        """Karlo's super-resolution keeps DDPM and its 7 steps whatever sampler the other stages
+        take: `super_res_last` was trained for the last of exactly 7. Other steps are allowed,
+        with a warning."""
+        if steps is not None and steps != defaults.steps and "super-res steps" not in self._warned:
+            self._warned.add("super-res steps")
+            self.models.warn(
+                f"Karlo's super-resolution was trained to end with the last of {defaults.steps} steps "
+                f"(super_res_last): {steps} steps may give worse images"
+            )
+        return defaults.sampler
 
     # -- CLIP ------------------------------------------------------------------------------
 
@@ -170,6 +204,10 @@ class InferenceScript:
     def _text_encodings(self, text_or_tokens: Sequence[str] | torch.Tensor) -> torch.Tensor:
         tokens = text_or_tokens if isinstance(text_or_tokens, torch.Tensor) else self._tokens(text_or_tokens)
         return self._embed_text(tokens)[1]
+
+    def _text_conditions(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's text embeddings and per-token encodings of `texts`."""
+        return self._embed_text(self._tokens(texts))
 
     @torch.inference_mode()
     def _embed_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
@@ -239,13 +277,19 @@ class InferenceScript:
                 results[index].append(embed)
         return results
 
-    def _negative_conditions(self) -> PriorConditions | None:
-        """A negative prompt's conditioning, one row (to be `repeated` for a batch)."""
+    def _negative_conditions(self, model: Any = None) -> PriorConditions | None:
+        """The text of guidance's null branch, one row (to be `repeated` for a batch): a negative
+        prompt's; else the empty prompt's for a family whose null branch reads one (Karlo's),
+        or None (dalle2-pytorch's networks drop their text there). `model`: the prior, or the
+        decoder."""
+        model = self.models.prior if model is None else model
         text = self.settings.negative_prompt
+        if text is None:
+            text = getattr(model, "null_text", None)
         if text is None:
             return None
         text_embed, encodings = self._embed_text(self._tokens([text]))
-        return PriorConditions(text_embed, encodings if self.models.prior.condition_on_text_encodings else None)
+        return PriorConditions(text_embed, encodings if model.condition_on_text_encodings else None)
 
     @torch.inference_mode()
     def _sample_decoder(
@@ -284,16 +328,18 @@ class InferenceScript:
             given = [cond_scale] if isinstance(cond_scale, int | float) else list(cond_scale)
             scales = [check_finite("decoder_cond_scale", s) for s in _per_unet(given, len(plans), "decoder_cond_scale")]
         seeds = self._job_seeds(seeds, embeds.shape[0] * sample_count, sample_count)
-        encode_text = self._text_encodings if self._takes_text() else None
+        encode_text = self._text_conditions if self._takes_text() else None
         batches = DecoderBatches(embeds, seeds, text, text_encoding, sample_count, batch_size, encode_text)
         batches.inpaint(inpaint_images, inpaint_image_masks, decoder.image_sizes[-1], self.settings.pad)
+        # The text of the decoder guidance's null branch, for a family whose null branch reads one.
+        null = self._negative_conditions(decoder) if getattr(decoder, "null_text", None) is not None else None
         bars = [f"decoder unet {number + 1}" for number in range(decoder.num_unets)]
         for number, (bar, plan, unet_steps) in enumerate(zip(bars, plans, steps, strict=True)):
             evaluations = len(unet_scheduler(decoder, number, plan, unet_steps).timesteps)
             self.progress.stage(bar, evaluations, loops=len(batches))
         results: dict[int, list[Image.Image]] = {index: [] for index in range(embeds.shape[0])}
         for batch in batches:
-            out = self._decode(batch, plans, steps, scales, bars)
+            out = self._decode(batch, plans, steps, scales, bars, null)
             finished = []
             for index, tensor in zip(batch.inputs, out, strict=True):
                 results[index].append(to_pil(tensor))
@@ -303,13 +349,24 @@ class InferenceScript:
         return results
 
     def _decode(
-        self, batch: Batch, plans: list[StagePlan], steps: list[int], scales: list[float], bars: list[str]
+        self,
+        batch: Batch,
+        plans: list[StagePlan],
+        steps: list[int],
+        scales: list[float],
+        bars: list[str],
+        null: PriorConditions | None = None,
     ) -> torch.Tensor:
         """Every unet on one batch, each upsampler taking the images of the one before, noised
         at the level its own file says."""
         decoder = self.models.decoder
         noise = ImageNoise(batch.seeds, "decoder")
-        conditions = UnetConditions(batch.image_embed.to(self.device), _to(batch.text_encodings, self.device))
+        conditions = UnetConditions(
+            batch.image_embed.to(self.device),
+            _to(batch.text_encodings, self.device),
+            _to(batch.text_embed, self.device),
+            null,
+        )
         inpaint = None
         if batch.keep_images is not None:
             keep_images, keep_masks = batch.keep_images.to(self.device), batch.keep_masks.to(self.device)
