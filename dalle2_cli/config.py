@@ -106,11 +106,14 @@ class ClipConfig(_Section):
 
     ALIASES: typing.ClassVar[dict[str, str]] = {"base_model_kwargs": "architecture"}
 
-    make: Literal["openai", "open_clip", "x-clip", "coca"] = "openai"
+    make: Literal["openai", "open_clip", "x-clip", "coca", "transformers"] = "openai"
     model: str = "ViT-L/14"
     pretrained: str | None = None
     architecture: dict[str, Any] | None = None
     load_model_from: File | None = None
+    # make "transformers": the model's config.json (its weights are `load_model_from`), as the
+    # hub's openai/clip-vit-large-patch14 has them.
+    load_config_from: File | None = None
     adapter_overrides: dict[str, Any] = Field(default_factory=dict)
     # Text to image draws this many images for each one it keeps, CLIP keeping the closest to
     # the prompt (DALL·E 2's reranking; `--rerank K` overrides it). Not in dalle2-laion's format.
@@ -134,6 +137,12 @@ class ClipConfig(_Section):
             raise ValueError(f"make {self.make!r} needs an 'architecture' (the model's arguments)")
         if self.make == "openai" and self.architecture is not None:
             raise ValueError("make 'openai' takes a 'model' name, not an 'architecture'")
+        if self.make == "transformers" and (self.load_model_from is None or self.load_config_from is None):
+            raise ValueError(
+                "make 'transformers' needs 'load_model_from' (its weights) and 'load_config_from' (its config.json)"
+            )
+        if self.make != "transformers" and self.load_config_from is not None:
+            raise ValueError("'load_config_from' is for make 'transformers' (a config.json beside the weights)")
         return self
 
 
@@ -216,6 +225,37 @@ class DecoderLoadConfig(_Section):
         return sum(len(s.unet_numbers) for s in self.unet_sources)
 
 
+class UnclipLoadConfig(_Section):
+    """A diffusers unCLIP pipeline, as Kakao Brain's Karlo is published: `local`, a folder with
+    `model_index.json`; or `url`, a hub repository `hf://ORG/REPO[@REVISION]`. Its CLIP, prior
+    and decoder are all in it (each component's files are found by diffusers' layout)."""
+
+    load_type: Literal["local", "url"]
+    path: str = Field(min_length=1)
+    # Which weight files a hub repository has (None: safetensors, else pickled .bin, read with
+    # torch.load(weights_only=True)); a local folder is looked at.
+    weights: Literal["safetensors", "bin"] | None = None
+    # Another unCLIP pipeline whose CLIP image tower (image_encoder/) this one borrows, when it
+    # has none: Karlo's text-to-image repository has none, and reranking needs one.
+    image_encoder_from: UnclipLoadConfig | None = None
+
+    @model_validator(mode="after")
+    def _folder_or_repository(self) -> UnclipLoadConfig:
+        if self.load_type == "url" and not re.fullmatch(r"hf://[A-Za-z0-9][\w.-]*/[\w.-]+/?(@[\w./-]+)?", self.path):
+            raise ValueError(
+                f"a hub unCLIP pipeline is hf://ORG/REPO or hf://ORG/REPO@REVISION, got {self.path[:200]!r}"
+            )
+        return self
+
+    def resolve_relative_to(self, base_dir: Path) -> UnclipLoadConfig:
+        update: dict[str, Any] = {}
+        if self.load_type == "local":
+            update["path"] = str(base_dir / Path(self.path).expanduser())
+        if self.image_encoder_from is not None:
+            update["image_encoder_from"] = self.image_encoder_from.resolve_relative_to(base_dir)
+        return self.model_copy(update=update)
+
+
 class Vocabulary(_Section):
     """The words a model was trained on, for a model that knows few (the shipped `shapes`): a
     prompt with other words gets a warning naming them, and `summary` says what it knows."""
@@ -230,6 +270,7 @@ class ModelLoadConfig(_Section):
     clip: ClipConfig | None = None
     prior: PriorLoadConfig | None = None
     decoder: DecoderLoadConfig | None = None
+    unclip: UnclipLoadConfig | None = None  # a diffusers unCLIP pipeline (Karlo): CLIP, prior and decoder in one
     devices: str | list[str] | None = None
     load_on_cpu: bool = True
     strict_loading: bool = True
@@ -256,6 +297,13 @@ class ModelLoadConfig(_Section):
         if isinstance(devices, list) and not devices:
             raise ValueError("give at least one device, or leave 'devices' out")
         return devices
+
+    @model_validator(mode="after")
+    def _one_kind_of_model(self) -> ModelLoadConfig:
+        given = [name for name in ("clip", "prior", "decoder") if getattr(self, name) is not None]
+        if self.unclip is not None and given:
+            raise ValueError(f"'unclip' holds its own CLIP, prior and decoder: leave out {', '.join(given)}")
+        return self
 
     @model_validator(mode="after")
     def _relative_paths(self) -> ModelLoadConfig:
@@ -325,7 +373,7 @@ def _drop_unknown_keys(data: dict[str, Any], section: type[_Section], path: str)
 def _resolve_files(model: BaseModel, base: Path) -> None:
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, File):
+        if isinstance(value, File | UnclipLoadConfig):
             object.__setattr__(model, name, value.resolve_relative_to(base))
         elif isinstance(value, BaseModel):
             _resolve_files(value, base)
@@ -360,11 +408,17 @@ def available_configs() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+
+
 def find_config(name_or_path: str) -> Path:
     """A config named by path, or by the name of a file in configs/ (with or without .json)."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        raise InputError(f"config {name_or_path} is a directory: give a .json file")
+        raise InputError(
+            f"config {name_or_path} is a directory without {UNCLIP_INDEX}: give a .json config, or a diffusers "
+            "unCLIP folder (Karlo's)"
+        )
     if path.exists():
         return path  # a pipe or a device is refused, in a line, when it is read
     configs = available_configs()
@@ -377,5 +431,31 @@ def find_config(name_or_path: str) -> Path:
     raise InputError(f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs{hint}")
 
 
+UNCLIP_INDEX = "model_index.json"
+
+
 def load_config(name_or_path: str) -> ModelLoadConfig:
+    """A config by path or shipped name; or a diffusers unCLIP pipeline, by its folder or its
+    hub repository id (`kakaobrain/karlo-v1-alpha`, a shipped preset's own when one names it)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and (path / UNCLIP_INDEX).is_file():
+        return ModelLoadConfig.from_dict({"unclip": {"load_type": "local", "path": str(path.resolve())}})
+    if not path.exists() and name_or_path.removesuffix(".json") not in available_configs():
+        # ORG/REPO is a hub repository, unless ORG is a local folder (a mistyped path, then).
+        if HUB_REPO.fullmatch(name_or_path) and not path.parent.is_dir():
+            return unclip_repository_config(name_or_path)
     return ModelLoadConfig.from_json_path(find_config(name_or_path))
+
+
+def unclip_repository_config(repo: str) -> ModelLoadConfig:
+    """The config of a hub repository holding a diffusers unCLIP pipeline: a shipped preset's
+    when one names that repository (its pinned revision and weight format), else the repo's
+    main branch."""
+    for preset in available_configs().values() if "@" not in repo else []:
+        try:
+            config = ModelLoadConfig.from_json_path(preset)
+        except InputError:
+            continue
+        if config.unclip is not None and config.unclip.path.removeprefix("hf://").split("@")[0] == repo:
+            return config
+    return ModelLoadConfig.from_dict({"unclip": {"load_type": "url", "path": f"hf://{repo}"}})

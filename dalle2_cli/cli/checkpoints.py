@@ -18,16 +18,26 @@ from dalle2_cli.loading.choices import Weights
 
 @command(app, report("the checkpoint"))
 def inspect(
-    file: Annotated[Path, typer.Argument(help="A checkpoint: .pth/.pt (any dalle2-pytorch format) or .safetensors.")],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="A checkpoint: .pth/.pt (any dalle2-pytorch format), .bin or .safetensors; or a diffusers "
+            "unCLIP folder (Karlo's, with model_index.json)."
+        ),
+    ],
     *,
     report: Report,
 ) -> None:
-    """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256."""
+    """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256.
+    For a Karlo folder: each component's file."""
     from dalle2_cli.io.textfiles import regular_file
-    from dalle2_cli.loading.inspection import inspect_file
+    from dalle2_cli.loading.inspection import inspect_file, inspect_folder
 
-    regular_file(file, "checkpoint")
-    inspection = inspect_file(file)
+    if file.is_dir() and (file / "model_index.json").is_file():
+        inspection = inspect_folder(file)
+    else:
+        regular_file(file, "checkpoint")
+        inspection = inspect_file(file)
     if report.json:
         report.print_json(inspection.as_dict())
     else:

@@ -255,8 +255,12 @@ def _trained_with_ema(config: dict[str, Any] | None) -> bool:
 
 
 def stage_of(keys: list[str]) -> str:
-    """`prior`, `decoder (N unets)`, `clip` or `unknown`, from a state dict's key names."""
+    """`prior`, `decoder (N unets)`, `clip` or `unknown`, from a state dict's key names; for
+    the files of a diffusers unCLIP pipeline (Karlo's), which component it is."""
     first = Counter(key.split(".")[0] for key in keys)
+    karlo = _karlo_component(set(first), keys)
+    if karlo is not None:
+        return karlo
     if "unets" in first:
         count = len({key.split(".")[1] for key in keys if key.startswith("unets.")})
         return f"decoder ({count} unet{'s' if count != 1 else ''})"
@@ -265,6 +269,22 @@ def stage_of(keys: list[str]) -> str:
     if {"visual", "token_embedding", "text_transformer", "visual_transformer"} & set(first):
         return "clip"
     return "unknown"
+
+
+def _karlo_component(first: set[str], keys: list[str]) -> str | None:
+    """Which part of a Karlo (diffusers unCLIP) pipeline a state dict is, by its key names."""
+    if {"clip_mean", "prd_embedding"} <= first:
+        return "Karlo prior (diffusers PriorTransformer)"
+    if "learned_classifier_free_guidance_embeddings" in first:
+        return "Karlo text projection (UnCLIPTextProjModel)"
+    if {"conv_in", "down_blocks", "up_blocks"} <= first:
+        if any(".add_k_proj." in key for key in keys):  # cross-attention to the text: the decoder
+            return "Karlo decoder (diffusers UNet2DConditionModel)"
+        return "Karlo super-resolution (diffusers UNet2DModel)"
+    towers = [name for prefix, name in (("text_model", "text"), ("vision_model", "image")) if prefix in first]
+    if towers:
+        return f"CLIP {' and '.join(towers)} tower{'s' if len(towers) > 1 else ''} (transformers layout)"
+    return None
 
 
 def strip_clip(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

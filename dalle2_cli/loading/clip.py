@@ -90,6 +90,8 @@ def build_clip(
         adapter = _openai(config, resolve, strict, map_location, hint, dtype)
     elif config.make == "open_clip":
         adapter = _open_clip(config, resolve, strict, map_location, hint, dtype)
+    elif config.make == "transformers":
+        adapter = _transformers(config, resolve, strict, map_location, dtype)
     else:
         adapter = _x_clip_or_coca(config, resolve, strict, map_location, dtype)
     adapter.eval().requires_grad_(False)
@@ -167,6 +169,23 @@ def _open_clip(config: ClipConfig, resolve, strict: bool, map_location: str, hin
     mean = getattr(model.visual, "image_mean", None) or OPENAI_MEAN
     std = getattr(model.visual, "image_std", None) or OPENAI_STD
     return PrebuiltOpenClipAdapter(model, Normalize(mean, std))
+
+
+def _transformers(config: ClipConfig, resolve, strict: bool, map_location: str, dtype) -> BaseClipAdapter:
+    """A CLIP in transformers' layout (config.json and weights), built as open_clip's model."""
+    from dalle2_cli.io.textfiles import read_json
+    from dalle2_cli.loading.transformers_clip import build_open_clip
+
+    config_path = resolve(config.load_config_from)
+    model_config = read_json(config_path, "CLIP config")
+    if not isinstance(model_config, dict):
+        raise InputError(f"{config_path} is not a transformers CLIP config (a JSON object)")
+    path = resolve(config.load_model_from)
+    checkpoint = read_checkpoint(path, map_location=map_location)
+    model, _ = build_open_clip([model_config], checkpoint.state_dict, strict, f"CLIP weights {path}", dtype)
+    if model.visual is None or model.ln_final is None:
+        raise InputError(f"{config_path} is one CLIP tower; dalle2-pytorch's models need both (a CLIPModel)")
+    return PrebuiltOpenClipAdapter(model, Normalize(OPENAI_MEAN, OPENAI_STD))
 
 
 def _x_clip_or_coca(config: ClipConfig, resolve, strict: bool, map_location: str, dtype) -> BaseClipAdapter:

@@ -111,3 +111,57 @@ def inspect_file(path: str | Path, weights: Weights | str = Weights.ema) -> Insp
         config=summarize_config(checkpoint.config),
         set_aside=checkpoint.set_aside,
     )
+
+
+@dataclass
+class PipelineInspection:
+    """A diffusers unCLIP pipeline folder (Karlo's): its kind, and each component's file."""
+
+    path: str
+    pipeline: str
+    components: dict[str, Inspection | str]  # what each file is, or why it could not be read
+
+    def as_dict(self) -> dict[str, Any]:
+        parts = {
+            name: part.as_dict() if isinstance(part, Inspection) else part for name, part in self.components.items()
+        }
+        return {"path": self.path, "pipeline": self.pipeline, "components": parts}
+
+    def lines(self) -> list[str]:
+        from rich.filesize import decimal
+
+        out = [f"folder    {self.path}", f"pipeline  {self.pipeline} (diffusers' unCLIP layout: Karlo)"]
+        total = 0
+        for name, part in self.components.items():
+            if isinstance(part, str):
+                out.append(f"  {name:<18}{part}")
+                continue
+            count = sum(part.parameters.values())
+            total += count
+            dtypes = ", ".join(part.dtypes)
+            out.append(
+                f"  {name:<18}{part.stage}: {count:,} parameters, {dtypes}, "
+                f"{Path(part.path).name} ({decimal(part.size_bytes)})"
+            )
+        out.append(f"params    {total:,} in all")
+        return out
+
+
+def inspect_folder(path: str | Path) -> PipelineInspection:
+    """What a diffusers unCLIP pipeline folder holds, component by component."""
+    from dalle2_cli.config import UnclipLoadConfig
+    from dalle2_cli.errors import InputError
+    from dalle2_cli.io.textfiles import read_json
+    from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, pipeline_kind
+
+    path = Path(path)
+    index = read_json(path / "model_index.json", "model index")
+    if not isinstance(index, dict):
+        raise InputError(f"{path}/model_index.json is not a diffusers model index (a JSON object)")
+    kind = pipeline_kind(index, str(path))
+    layout = UnclipLayout(UnclipLoadConfig(load_type="local", path=str(path)))
+    components: dict[str, Inspection | str] = {}
+    for name in NETWORKS[kind]:
+        file = Path(layout.weights(name)[0].path)
+        components[name] = inspect_file(file) if file.is_file() else f"missing: no weights in {file.parent}"
+    return PipelineInspection(str(path), kind, components)

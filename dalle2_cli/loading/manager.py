@@ -111,6 +111,24 @@ class DalleModelManager:
         # Per unet: the noise level its low-resolution conditioning gets at sampling time, as
         # that unet's own file says (a stitched upsampler keeps its own, not unet 1's).
         self.lowres_noise_levels: list[float] = []
+        # A diffusers unCLIP pipeline (Karlo) holds all three parts; see dalle2_cli.karlo.
+        self._karlo = None
+        if config.unclip is not None:
+            from dalle2_cli.karlo.models import KarloLoader
+
+            self._karlo = KarloLoader(config.unclip, self._resolve, self.strict, self.stored_dtype, self.log, self.warn)
+
+    @property
+    def family(self) -> str:
+        """`karlo` for a diffusers unCLIP pipeline, else `dalle2-pytorch`."""
+        return "karlo" if self._karlo is not None else "dalle2-pytorch"
+
+    def has(self, part: str) -> bool:
+        """Whether the config gives this part (`clip`, `prior` or `decoder`). For a diffusers
+        pipeline, the prior is known once its model index is read (variations have none)."""
+        if self._karlo is not None:
+            return part != "prior" or self._karlo.has("prior")
+        return getattr(self.config, part) is not None
 
     def sha256(self) -> dict[str, str]:
         """The sha256 of each model file loaded so far, by role: the bytes as this manager read
@@ -175,6 +193,8 @@ class DalleModelManager:
 
     @property
     def clip(self) -> BaseClipAdapter:
+        if self._clip is None and self._karlo is not None:
+            self._clip = self._placed(self._karlo.clip())
         if self._clip is None:
             clip_config = self._require("clip")
             resolve = lambda file: self._resolve("clip", file)  # noqa: E731
@@ -185,11 +205,14 @@ class DalleModelManager:
     @property
     def prior(self) -> DiffusionPrior:
         if self._prior is None:
-            self._prior = self._load_prior()
+            self._prior = self._compiled(self._placed(self._karlo.prior())) if self._karlo else self._load_prior()
         return self._prior
 
     @property
     def decoder(self) -> Decoder:
+        if self._decoder is None and self._karlo is not None:
+            self._decoder = self._compiled(self._placed(self._karlo.decoder()))
+            self.lowres_noise_levels = [0.0] * self._decoder.num_unets  # Karlo's upsampler takes its input as it is
         if self._decoder is None:
             self._decoder = self._load_decoder()
         return self._decoder
@@ -329,6 +352,10 @@ class DalleModelManager:
 
     def prior_defaults(self) -> StageDefaults:
         """The config's sampling defaults for the prior."""
+        if self._karlo is not None:
+            from dalle2_cli.karlo.models import PRIOR_DEFAULTS
+
+            return PRIOR_DEFAULTS
         source = self._require("prior")
         return StageDefaults(
             source.default_sample_timesteps, source.default_cond_scale, source.default_sampler, source.default_ddim_eta
@@ -342,6 +369,10 @@ class DalleModelManager:
 
     def decoder_defaults(self) -> list[StageDefaults]:
         """The config's sampling defaults for each unet."""
+        if self._karlo is not None:
+            from dalle2_cli.karlo.models import DECODER_DEFAULTS
+
+            return list(DECODER_DEFAULTS)
         sources = self._require("decoder").unet_sources
         defaults = [StageDefaults()] * self.config.decoder.num_unets
         for source in sources:
@@ -358,7 +389,7 @@ def compile_networks(model: DiffusionPrior | Decoder, backend: str = "inductor")
     sampling calls `forward` itself (not the module). The first batch of each shape pays for
     compiling (a minute or more on a CPU); later batches of that shape run the compiled code.
     Same images as without, up to float rounding (compiled kernels may fuse and reorder)."""
-    for net in [model.net] if isinstance(model, DiffusionPrior) else list(model.unets):
+    for net in [model.net] if hasattr(model, "net") else list(model.unets):
         if not getattr(net.forward, "dalle2_cli_compiled", False):
             compiled = torch.compile(net.forward, backend=backend)
             compiled.dalle2_cli_compiled = True

@@ -176,7 +176,7 @@ class ImageService:
         for worker in range(self.batcher.workers):
             manager = self._load(worker)
             for part in ("clip", "prior", "decoder"):
-                if getattr(manager.config, part) is not None:
+                if manager.has(part):
                     getattr(manager, part)
             self.managers.append(manager)
         self.manager = self.managers[0]
@@ -205,7 +205,7 @@ class ImageService:
             if steps > self.max_steps:
                 problem = f"asks {steps} steps; this server allows at most {self.max_steps} per stage (--max-steps)"
                 raise SettingError(name, problem)
-        if request.kind == "text2im" and self.manager.config.prior is None:
+        if request.kind == "text2im" and not self.manager.has("prior"):
             raise InputError(f"{self.name} has no prior, which text to image needs")
         self._check_plan(request)
         if request.seed is None:
@@ -219,7 +219,7 @@ class ImageService:
         from dalle2_cli.sampling.script import prompt_warnings
 
         told = []
-        if request.prompt is not None and self.manager.config.clip is not None:
+        if request.prompt is not None and self.manager.has("clip"):
             vocabulary = self.manager.config.vocabulary
             told += prompt_warnings(request.prompt, self.manager.clip.max_text_len, vocabulary)
         if request.image is not None and (note := fit_note(request.source or "the image", request.image, hint="")):

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dalle2_cli.config import File, ModelLoadConfig, available_configs, load_config
+from dalle2_cli.config import File, ModelLoadConfig, UnclipLoadConfig, available_configs, load_config
 from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.sources.cache import cache_lock, cache_path, default_cache_dir
 from dalle2_cli.sources.digests import SIDECAR_SUFFIX, recorded_digest, sha256_of, sidecar_path
@@ -41,10 +41,14 @@ def config_files(config: ModelLoadConfig) -> list[ConfigFile]:
     found: list[ConfigFile] = []
     if config.clip is not None and config.clip.load_model_from is not None:
         found.append(ConfigFile("clip", config.clip.load_model_from))
+    if config.clip is not None and config.clip.load_config_from is not None:
+        found.append(ConfigFile("clip config", config.clip.load_config_from))
     if config.prior is not None:
         found.append(ConfigFile("prior", config.prior.load_model_from))
         if config.prior.load_config_from is not None:
             found.append(ConfigFile("prior config", config.prior.load_config_from))
+    if config.unclip is not None:
+        found += unclip_files(config.unclip)
     if config.decoder is not None:
         for source in config.decoder.unet_sources:
             numbers = ",".join(str(n) for n in source.unet_numbers)
@@ -60,6 +64,21 @@ def config_files(config: ModelLoadConfig) -> list[ConfigFile]:
             seen.add(key)
             unique.append(item)
     return unique
+
+
+def unclip_files(section: UnclipLoadConfig, index_path: Path | None = None) -> list[ConfigFile]:
+    """Every file of a diffusers unCLIP pipeline. Which components it has is in its
+    model_index.json: read from `index_path`, else from the folder or the Hugging Face cache
+    (when it is not there, only the index itself is listed)."""
+    from dalle2_cli.io.textfiles import read_json
+    from dalle2_cli.karlo.layout import UnclipLayout, files
+
+    if index_path is None:
+        index_file = UnclipLayout(section).index()
+        hub = parse_hub_url(index_file.path) if index_file.load_type == "url" else None
+        index_path = cached_hub_file(hub) if hub is not None else Path(index_file.path)
+    index = read_json(index_path, "model index") if index_path is not None and index_path.is_file() else None
+    return [ConfigFile(role, file) for role, file in files(section, index if isinstance(index, dict) else None)]
 
 
 def clip_pretrained(config: ModelLoadConfig) -> tuple[str, str | None] | None:
@@ -102,6 +121,10 @@ def download_config(
 ) -> list[Fetched]:
     """Make every file of `config` available locally (offline: check that it is)."""
     fetched = []
+    if config.unclip is not None:  # its index says which files it has: fetched first
+        from dalle2_cli.karlo.layout import UnclipLayout
+
+        resolve_file(UnclipLayout(config.unclip).index(), config_name=config_name, quiet=quiet, offline=offline)
     for item in config_files(config):
         path = resolve_file(item.file, config_name=config_name, quiet=quiet, offline=offline)
         fetched.append(Fetched(item.role, source_of(item.file), item.file.path, path, path.stat().st_size))

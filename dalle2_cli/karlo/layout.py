@@ -1,0 +1,106 @@
+"""Where a diffusers unCLIP pipeline keeps its parts: `model_index.json` and one folder per
+component (`prior/config.json`, `prior/diffusion_pytorch_model.safetensors`, ...), in a local
+folder or a hub repository. Every file becomes a config `File`, so it comes through our sources
+like any model file (the Hugging Face cache, offline mode, digests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from dalle2_cli.config import File, UnclipLoadConfig
+from dalle2_cli.errors import InputError
+
+TEXT_TO_IMAGE, VARIATIONS = "UnCLIPPipeline", "UnCLIPImageVariationPipeline"
+# The components each pipeline has (the tokenizer and feature extractor are not read: CLIP's
+# BPE and image preprocessing are open_clip's and ours).
+NETWORKS = {
+    TEXT_TO_IMAGE: ("text_encoder", "prior", "text_proj", "decoder", "super_res_first", "super_res_last"),
+    VARIATIONS: ("text_encoder", "image_encoder", "text_proj", "decoder", "super_res_first", "super_res_last"),
+}
+SCHEDULERS = {
+    TEXT_TO_IMAGE: ("prior_scheduler", "decoder_scheduler", "super_res_scheduler"),
+    VARIATIONS: ("decoder_scheduler", "super_res_scheduler"),
+}
+TRANSFORMERS_PARTS = ("text_encoder", "image_encoder")  # transformers' file names, not diffusers'
+INDEX = "model_index.json"
+
+
+def weights_name(component: str, fmt: str) -> str:
+    base = "model" if component in TRANSFORMERS_PARTS else "diffusion_pytorch_model"
+    if fmt == "bin":
+        return "pytorch_model.bin" if component in TRANSFORMERS_PARTS else f"{base}.bin"
+    return f"{base}.safetensors"
+
+
+def config_name(component: str) -> str:
+    return "scheduler_config.json" if component.endswith("scheduler") else "config.json"
+
+
+class UnclipLayout:
+    """The files of one unCLIP pipeline, as config `File`s."""
+
+    def __init__(self, section: UnclipLoadConfig):
+        self.section = section
+        self.local = section.load_type == "local"
+        if self.local:
+            self.root = Path(section.path)
+            if not (self.root / INDEX).is_file():
+                raise InputError(f"{self.root} has no {INDEX}: it is not a diffusers pipeline folder")
+        else:
+            repo, _, revision = section.path.removeprefix("hf://").partition("@")
+            self.repo, self.revision = repo.strip("/"), revision
+
+    def file(self, relative: str) -> File:
+        if self.local:
+            return File(load_type="local", path=str(self.root / relative))
+        revision = f"@{self.revision}" if self.revision else ""
+        return File(load_type="url", path=f"hf://{self.repo}/{relative}{revision}")
+
+    def index(self) -> File:
+        return self.file(INDEX)
+
+    def config(self, component: str) -> File:
+        return self.file(f"{component}/{config_name(component)}")
+
+    def weights(self, component: str) -> list[File]:
+        """The component's weights file, safetensors first where either may be there."""
+        formats = [self.section.weights] if self.section.weights else ["safetensors", "bin"]
+        if self.local:
+            present = [f for f in formats if (self.root / component / weights_name(component, f)).is_file()]
+            return [self.file(f"{component}/{weights_name(component, f)}") for f in present or formats[:1]]
+        files = [self.file(f"{component}/{weights_name(component, f)}") for f in formats]
+        # The one in the Hugging Face cache first (offline, the only one that can be had).
+        from dalle2_cli.sources.hub import cached_hub_file, parse_hub_url
+
+        return sorted(files, key=lambda file: cached_hub_file(parse_hub_url(file.path)) is None)
+
+
+def pipeline_kind(index: dict, where: str) -> str:
+    kind = index.get("_class_name")
+    if kind not in NETWORKS:
+        raise InputError(
+            f"{where} is a diffusers {kind or 'pipeline'} folder, not unCLIP's (UnCLIPPipeline or "
+            "UnCLIPImageVariationPipeline, as Karlo's repositories are)"
+        )
+    return kind
+
+
+def files(section: UnclipLoadConfig, index: dict | None) -> list[tuple[str, File]]:
+    """(role, file) of every file the pipeline loads from, `index` its model_index.json read
+    (None: not readable here, so only the index is listed)."""
+    layout = UnclipLayout(section)
+    found = [("model index", layout.index())]
+    if index is None:
+        return found
+    kind = pipeline_kind(index, section.path)
+    for component in NETWORKS[kind]:
+        found += [(f"{component} config", layout.config(component)), (component, layout.weights(component)[0])]
+    found += [(f"{component} config", layout.config(component)) for component in SCHEDULERS[kind]]
+    borrowed = section.image_encoder_from
+    if borrowed is not None and "image_encoder" not in NETWORKS[kind]:
+        other = UnclipLayout(borrowed)
+        found += [
+            ("image_encoder config", other.config("image_encoder")),
+            ("image_encoder", other.weights("image_encoder")[0]),
+        ]
+    return found
