@@ -232,7 +232,8 @@ def follow(job, until=None, seconds: float = 120.0) -> list[str]:
 
 def test_the_page_shows_the_queue_then_stage_and_step_with_previews(paged):
     page = page_client(paged)
-    job = page.submit("a red circle", 2, 3, "default", 0, 60, 0, 0, api_name="/text2im")
+    # 60 prior steps too: a 15-step prior can pass between two of the page's polls on a busy machine.
+    job = page.submit("a red circle", 2, 3, "default", 60, 60, 0, 0, api_name="/text2im")
     lines = follow(job)
     gallery, files, status, session_gallery = job.result()
     stages = " ".join(lines)
