@@ -32,6 +32,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE_SCHEME = "package://"
 MAX_UNETS = 16  # dalle2-pytorch cascades have 1-4; this only keeps a typo from allocating millions
 MAX_NAME_BYTES = 255  # the longest file name common filesystems take
+UNCLIP_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline (Karlo's)
+HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # ORG/REPO[@REVISION]
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 UnetNumber = Annotated[int, Field(ge=1, le=MAX_UNETS)]
@@ -408,9 +410,6 @@ def available_configs() -> dict[str, Path]:
     return dict(sorted(found.items()))
 
 
-HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
-
-
 def find_config(name_or_path: str) -> Path:
     """A config named by path, or by the name of a file in configs/ (with or without .json)."""
     path = Path(name_or_path).expanduser()
@@ -431,9 +430,6 @@ def find_config(name_or_path: str) -> Path:
     raise InputError(f"unknown config {name_or_path!r}: not a file, and not one of the shipped configs{hint}")
 
 
-UNCLIP_INDEX = "model_index.json"
-
-
 def load_config(name_or_path: str) -> ModelLoadConfig:
     """A config by path or shipped name; or a diffusers unCLIP pipeline, by its folder or its
     hub repository id (`kakaobrain/karlo-v1-alpha`, a shipped preset's own when one names it)."""
@@ -449,8 +445,8 @@ def load_config(name_or_path: str) -> ModelLoadConfig:
 
 def unclip_repository_config(repo: str) -> ModelLoadConfig:
     """The config of a hub repository holding a diffusers unCLIP pipeline: a shipped preset's
-    when one names that repository (its pinned revision and weight format), else the repo's
-    main branch."""
+    when one names that repository (its weight format, and the image tower it borrows), else
+    the repository's main branch."""
     for preset in available_configs().values() if "@" not in repo else []:
         try:
             config = ModelLoadConfig.from_json_path(preset)

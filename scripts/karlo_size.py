@@ -28,7 +28,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
 from laion_size import _json_report, measured  # noqa: E402 - the sibling script's process measuring
 
-PUBLISHED = {"prior": 1022, "text_proj": 8, "decoder": 885, "super_res_first": 692, "super_res_last": 692, "text_encoder": 124}
+PUBLISHED = {
+    "prior": 1022,
+    "text_proj": 8,
+    "decoder": 885,
+    "super_res_first": 692,
+    "super_res_last": 692,
+    "text_encoder": 124,
+}
 RESNET_BLOCKS = ("ResnetDownsampleBlock2D",) * 4
 DECODER = {
     "sample_size": 64,
@@ -123,7 +130,25 @@ def build(folder: Path) -> None:
 
 # Sampling timed from Python, both ways: the same evaluations (guided prior and decoder, the
 # super-resolution unguided), one image, loading left out.
-OURS = """
+TIMED = """
+import time
+def timed(module, name, seconds):
+    # Sum of the seconds spent in each network's forward, and how many calls.
+    forward = module.forward
+    def measured(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            total, calls = seconds.get(name, (0.0, 0))
+            seconds[name] = (total + time.perf_counter() - started, calls + 1)
+    module.forward = measured
+"""
+# Sampling timed from Python, both ways: the same evaluations (guided prior and decoder, the
+# super-resolution unguided), one image, loading left out; and each network's forward timed.
+OURS = (
+    TIMED
+    + """
 import json, sys, time, torch
 from dalle2_cli.config import load_config
 from dalle2_cli.loading.manager import DalleModelManager
@@ -134,12 +159,24 @@ manager = DalleModelManager(load_config(folder), device=device, dtype=dtype, log
 settings = SamplingSettings(seed=0, prior_steps=steps, decoder_steps=[steps, steps], num_samples_per_batch=1)
 script = TextToImage(manager, settings)
 script.plan()
-manager.clip, manager.prior, manager.decoder
+# Weights read in before timing, as diffusers' from_pretrained has them (ours are memory-mapped,
+# read from the file at their first use): what is timed is the network evaluations.
+for model in (manager.clip, manager.prior, manager.decoder):
+    for parameter in model.parameters():
+        parameter.data.sum()
+networks = {}
+decoder = manager.decoder
+for name, net in (("prior", manager.prior.net), ("decoder", decoder.decoder),
+                  ("super_res_first", decoder.super_res_first), ("super_res_last", decoder.super_res_last)):
+    timed(net, name, networks)
 started = time.perf_counter()
 script.run(["a corgi"])
-print(json.dumps({"sampling_seconds": time.perf_counter() - started}))
+print(json.dumps({"sampling_seconds": time.perf_counter() - started, "networks": networks}))
 """
-DIFFUSERS = """
+)
+DIFFUSERS = (
+    TIMED
+    + """
 import json, sys, time, torch, logging
 logging.disable(logging.WARNING)
 from diffusers import PriorTransformer, UNet2DConditionModel, UNet2DModel, UnCLIPScheduler
@@ -148,21 +185,25 @@ from diffusers.pipelines.deprecated.unclip.text_proj import UnCLIPTextProjModel
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer
 folder, steps, dtype, device = sys.argv[1], int(sys.argv[2]), getattr(torch, sys.argv[3]), sys.argv[4]
 load = lambda cls, name: cls.from_pretrained(folder, subfolder=name, torch_dtype=dtype)
+scheduler = lambda name: UnCLIPScheduler.from_pretrained(folder, subfolder=name)
 pipe = UnCLIPPipeline(
     prior=load(PriorTransformer, "prior"), decoder=load(UNet2DConditionModel, "decoder"),
     text_proj=load(UnCLIPTextProjModel, "text_proj"), text_encoder=load(CLIPTextModelWithProjection, "text_encoder"),
     tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
     super_res_first=load(UNet2DModel, "super_res_first"), super_res_last=load(UNet2DModel, "super_res_last"),
-    prior_scheduler=UnCLIPScheduler.from_pretrained(folder, subfolder="prior_scheduler"),
-    decoder_scheduler=UnCLIPScheduler.from_pretrained(folder, subfolder="decoder_scheduler"),
-    super_res_scheduler=UnCLIPScheduler.from_pretrained(folder, subfolder="super_res_scheduler"),
+    prior_scheduler=scheduler("prior_scheduler"), decoder_scheduler=scheduler("decoder_scheduler"),
+    super_res_scheduler=scheduler("super_res_scheduler"),
 ).to(device)
 pipe.set_progress_bar_config(disable=True)
+networks = {}
+for name in ("prior", "decoder", "super_res_first", "super_res_last"):
+    timed(getattr(pipe, name), name, networks)
 started = time.perf_counter()
 pipe("a corgi", prior_num_inference_steps=steps, decoder_num_inference_steps=steps,
      super_res_num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
-print(json.dumps({"sampling_seconds": time.perf_counter() - started}))
+print(json.dumps({"sampling_seconds": time.perf_counter() - started, "networks": networks}))
 """
+)
 
 
 def main() -> None:
@@ -171,7 +212,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument(
         "--runs",
-        default="text2im-fp32,text2im-bf16,text2im-bf16-low,ours-fp32,diffusers-fp32,ours-bf16,diffusers-bf16",
+        default="text2im-fp32,text2im-fp32-low,text2im-bf16,text2im-bf16-low,ours-fp32,diffusers-fp32,ours-bf16,"
+        "diffusers-bf16",
         help="which runs, comma-separated",
     )
     parser.add_argument("--device", default="cpu", help="cuda: also peak GPU memory (fp16 runs) and images/s")
@@ -188,6 +230,7 @@ def main() -> None:
     cli += ["--device", args.device, "-o", "out", "--overwrite", "-q", "--json"]
     commands = {
         "text2im-fp32": [*cli, "--dtype", "fp32"],
+        "text2im-fp32-low": [*cli, "--dtype", "fp32", "--low-memory"],
         "text2im-bf16": [*cli, "--dtype", "bf16"],
         "text2im-bf16-low": [*cli, "--dtype", "bf16", "--low-memory"],
         "text2im-fp16": [*cli, "--dtype", "fp16"],
@@ -196,7 +239,7 @@ def main() -> None:
         for who, code in (("ours", OURS), ("diffusers", DIFFUSERS)):
             commands[f"{who}-{dtype}"] = [sys.executable, "-c", code, str(folder), str(args.steps), name, args.device]
     print(
-        f"Karlo-size files: {files:.2f} GiB (safetensors); {args.steps} evaluations per stage; {args.device}",
+        f"Karlo-size files: {files:.2f} GiB; {args.steps} evaluations per stage; {args.device}",
         flush=True,
     )
     results = {}
@@ -217,6 +260,12 @@ def main() -> None:
         if "sampling_seconds" in ours and "sampling_seconds" in theirs:
             ratio = ours["sampling_seconds"] / theirs["sampling_seconds"]
             print(f"sampling time, ours / diffusers' ({dtype}, same evaluations): {ratio:.2f}x")
+            for name, (seconds, calls) in ours.get("networks", {}).items():
+                other, other_calls = theirs["networks"].get(name, (0.0, 0))
+                if calls and other_calls:
+                    each, other_each = seconds / calls, other / other_calls
+                    ratio = each / other_each
+                    print(f"  {name}: {each:.2f} s per evaluation, diffusers' {other_each:.2f} s ({ratio:.2f}x)")
     if args.json:
         print(json.dumps({"files_gib": files, "runs": results}))
 

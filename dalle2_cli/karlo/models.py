@@ -21,7 +21,7 @@ from torch import nn
 from dalle2_cli.config import File, UnclipLoadConfig
 from dalle2_cli.errors import Dalle2Error, InputError
 from dalle2_cli.io.textfiles import read_json
-from dalle2_cli.karlo.layout import NETWORKS, TEXT_TO_IMAGE, VARIATIONS, UnclipLayout, pipeline_kind
+from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, pipeline_kind
 from dalle2_cli.karlo.schedule import KarloSchedule
 from dalle2_cli.karlo.stages import KarloDecoderStage, KarloPriorStage, KarloSuperResStage, Text
 from dalle2_cli.karlo.text_proj import TextProjection
@@ -31,7 +31,6 @@ from dalle2_cli.sampling.settings import StageDefaults, Trained
 NULL_TEXT = ""  # guidance's null branch reads the empty prompt
 PRIOR_DEFAULTS = StageDefaults(25, 4.0, "ddpm")
 DECODER_DEFAULTS = [StageDefaults(25, 8.0, "ddpm"), StageDefaults(7, 1.0, "ddpm")]
-SUPER_RES_STEPS = 7  # super_res_last was trained for the last of 7 steps
 
 
 class KarloPrior(nn.Module):
@@ -64,7 +63,6 @@ class KarloDecoder(nn.Module):
     num_unets = 2
     condition_on_text_encodings = True
     can_classifier_guidance = True
-    sample_timesteps = (None, None)
     ddim_sampling_eta = 0.0
     learned_variance_constrain_frac = False
     null_text = NULL_TEXT
@@ -236,5 +234,3 @@ def _diffusers() -> Any:
         raise InputError("Karlo's networks are diffusers' classes: pip install 'dalle2-cli[karlo]'") from None
     return diffusers
 
-
-__all__ = ["KarloDecoder", "KarloLoader", "KarloPrior", "TEXT_TO_IMAGE", "VARIATIONS"]
