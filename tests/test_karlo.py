@@ -402,9 +402,11 @@ def test_a_hub_repository_id_fetches_through_the_cache_and_runs_offline(karlo_va
         picture = tmp_path / "in.png"
         Image.new("RGB", (32, 32), "red").save(picture)
         env = env_for(server, tmp_path)
+        fetched = run_cli("models", "download", "-c", "org/karlo-tiny", env=env)
+        assert fetched.returncode == 0, fetched.stderr
+        assert server.gets("/org/karlo-tiny/resolve/main/decoder/diffusion_pytorch_model.bin")
         online = run_cli("variation", "-c", "org/karlo-tiny", picture, "--seed", "1", "-o", tmp_path / "a", env=env)
         assert online.returncode == 0, online.stderr
-        assert server.gets("/org/karlo-tiny/resolve/main/decoder/diffusion_pytorch_model.bin")
         offline = run_cli(
             "variation",
             "-c",

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from dalle2_cli.config import File, UnclipLoadConfig
-from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.errors import InputError
 from dalle2_cli.io.textfiles import read_json
 from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, pipeline_kind
 from dalle2_cli.karlo.schedule import KarloSchedule
@@ -27,6 +27,7 @@ from dalle2_cli.karlo.stages import KarloDecoderStage, KarloPriorStage, KarloSup
 from dalle2_cli.karlo.text_proj import TextProjection
 from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
 from dalle2_cli.sampling.settings import StageDefaults, Trained
+from dalle2_cli.sources.hub import NotOnHub
 
 NULL_TEXT = ""  # guidance's null branch reads the empty prompt
 PRIOR_DEFAULTS = StageDefaults(25, 4.0, "ddpm")
@@ -158,8 +159,8 @@ class KarloLoader:
         for number, file in enumerate(candidates):
             try:
                 path = self.resolve(component, file)
-            except Dalle2Error as error:
-                if number + 1 < len(candidates) and "has no file" in str(error):
+            except NotOnHub:
+                if number + 1 < len(candidates):
                     continue  # the hub has this component as .bin only
                 raise
             checkpoint = read_checkpoint(path)
@@ -233,4 +234,3 @@ def _diffusers() -> Any:
     except ImportError:
         raise InputError("Karlo's networks are diffusers' classes: pip install 'dalle2-cli[karlo]'") from None
     return diffusers
-

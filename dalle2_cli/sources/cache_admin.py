@@ -18,6 +18,7 @@ from dalle2_cli.sources.digests import SIDECAR_SUFFIX, recorded_digest, sha256_o
 from dalle2_cli.sources.http import PARTIAL_DIR, partial_path
 from dalle2_cli.sources.hub import (
     HubFile,
+    NotOnHub,
     cached_hub_file,
     expected_blob_digest,
     fetch_hint,
@@ -66,19 +67,29 @@ def config_files(config: ModelLoadConfig) -> list[ConfigFile]:
     return unique
 
 
-def unclip_files(section: UnclipLoadConfig, index_path: Path | None = None) -> list[ConfigFile]:
+def unclip_files(section: UnclipLoadConfig) -> list[ConfigFile]:
     """Every file of a diffusers unCLIP pipeline. Which components it has is in its
-    model_index.json: read from `index_path`, else from the folder or the Hugging Face cache
-    (when it is not there, only the index itself is listed)."""
+    model_index.json, read from the folder or the Hugging Face cache (when it is not there,
+    only the index itself is listed)."""
     from dalle2_cli.io.textfiles import read_json
     from dalle2_cli.karlo.layout import UnclipLayout, files
 
-    if index_path is None:
-        index_file = UnclipLayout(section).index()
-        hub = parse_hub_url(index_file.path) if index_file.load_type == "url" else None
-        index_path = cached_hub_file(hub) if hub is not None else Path(index_file.path)
+    index_file = UnclipLayout(section).index()
+    hub = parse_hub_url(index_file.path) if index_file.load_type == "url" else None
+    index_path = cached_hub_file(hub) if hub is not None else Path(index_file.path)
     index = read_json(index_path, "model index") if index_path is not None and index_path.is_file() else None
     return [ConfigFile(role, file) for role, file in files(section, index if isinstance(index, dict) else None)]
+
+
+def _other_weights(config: ModelLoadConfig, item: ConfigFile) -> File | None:
+    """For a diffusers pipeline's weights file, the other format's (.bin for safetensors)."""
+    from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout
+
+    components = {name for names in NETWORKS.values() for name in names}
+    if config.unclip is None or item.role not in components:
+        return None
+    others = [file for file in UnclipLayout(config.unclip).weights(item.role) if file != item.file]
+    return others[0] if others else None
 
 
 def clip_pretrained(config: ModelLoadConfig) -> tuple[str, str | None] | None:
@@ -126,7 +137,14 @@ def download_config(
 
         resolve_file(UnclipLayout(config.unclip).index(), config_name=config_name, quiet=quiet, offline=offline)
     for item in config_files(config):
-        path = resolve_file(item.file, config_name=config_name, quiet=quiet, offline=offline)
+        try:
+            path = resolve_file(item.file, config_name=config_name, quiet=quiet, offline=offline)
+        except NotOnHub:
+            other = _other_weights(config, item)
+            if other is None:
+                raise
+            item = ConfigFile(item.role, other)  # a hub repository with .bin weights only
+            path = resolve_file(other, config_name=config_name, quiet=quiet, offline=offline)
         fetched.append(Fetched(item.role, source_of(item.file), item.file.path, path, path.stat().st_size))
     pretrained = clip_pretrained(config)
     if pretrained is not None:

@@ -212,7 +212,7 @@ def _hub_error(hub: HubFile, error: Exception, offline: bool, config_name: str |
     # RemoteEntryNotFoundError is the name since huggingface_hub 1.0; EntryNotFoundError before.
     remote_missing = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
     if isinstance(error, remote_missing):
-        return Dalle2Error(f"{what}: the hub has no file {hub.filename!r} in {hub.repo_id} at {hub.revision!r}")
+        return NotOnHub(f"{what}: the hub has no file {hub.filename!r} in {hub.repo_id} at {hub.revision!r}")
     if isinstance(error, errors.RevisionNotFoundError):
         return Dalle2Error(f"{what}: {hub.repo_id} has no revision {hub.revision!r}")
     if isinstance(error, errors.GatedRepoError):
@@ -226,6 +226,10 @@ def _hub_error(hub: HubFile, error: Exception, offline: bool, config_name: str |
         return Dalle2Error(f"{what}: the hub answered HTTP {status}; run the command again later")
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
     return Dalle2Error(f"download of {what} failed: {message}; run the command again to retry")
+
+
+class NotOnHub(Dalle2Error):
+    """The repository (at that revision) has no such file."""
 
 
 def fetch_hint(config_name: str | None) -> str:
