@@ -24,6 +24,7 @@ from dalle2_cli.loading.choices import Weights
 from dalle2_cli.loading.clip import build_clip, text_encoding_dim
 from dalle2_cli.loading.devices import resolve_device
 from dalle2_cli.loading.precision import (
+    aligned_in_memory,
     cast_parameters,
     compute_in_fp32,
     convert_on_first_use,
@@ -302,6 +303,10 @@ class DalleModelManager:
         """On the device, in eval mode, with parameters in the chosen precision (loading stores
         most in it already; a CLIP open_clip downloads comes in float32)."""
         model = model.to("cpu" if self.offload else self.device).eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32 and not self.low_memory:
+            # Weights used as the file has them: in aligned memory (--low-memory keeps the
+            # file's pages, to hand them back between stages).
+            aligned_in_memory(model)
         if self.dtype != torch.float32:
             if self.convert_on_use:
                 convert_on_first_use(model, self.dtype)

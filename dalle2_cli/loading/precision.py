@@ -153,6 +153,27 @@ class FilePages:
                 return
 
 
+ALIGNMENT = 64  # bytes: torch's CPU allocator's, and what vectorised kernels load best from
+
+
+def aligned_in_memory(model: nn.Module) -> int:
+    """Copy every CPU parameter whose data lies off a 64-byte boundary into memory of its own,
+    handing the file's pages back (so the peak stays at the file's size). Safetensors files
+    align tensors to 8 bytes only, and matrix products on such memory-mapped weights took 8%
+    longer on the project's CPU (dalle2-pytorch's .pth files are 64-byte aligned already).
+    Returns how many were copied."""
+    file_pages = FilePages()
+    copied = 0
+    for parameter in model.parameters():
+        data = parameter.data
+        if data.device.type == "cpu" and data.data_ptr() % ALIGNMENT:
+            parameter.data = data.clone()
+            file_pages.release(data)
+            copied += 1
+    release_freed_memory()
+    return copied
+
+
 def release_freed_memory() -> None:
     """Hand freed heap memory back to the OS. glibc keeps large freed blocks (here: a model's
     random initial weights, replaced by the file's) resident otherwise, which doubles the
