@@ -51,10 +51,7 @@ class KarloPrior(nn.Module):
         return int(self.net.clip_mean.shape[-1])
 
     def stage(self, conditions: Any, cond_scale: float, batched_guidance: bool = True) -> KarloPriorStage:
-        null = conditions.negative
-        null = Text(null.text_embed, null.text_encodings) if null is not None else None
-        text = Text(conditions.text_embed, conditions.text_encodings)
-        return KarloPriorStage(self, text, null, cond_scale, batched_guidance)
+        return KarloPriorStage(self, Text.of(conditions), Text.of(conditions.negative), cond_scale, batched_guidance)
 
 
 class KarloDecoder(nn.Module):
@@ -64,6 +61,9 @@ class KarloDecoder(nn.Module):
     num_unets = 2
     condition_on_text_encodings = True
     can_classifier_guidance = True
+    # The super-resolution keeps DDPM and its 7 steps whatever the other stages take:
+    # super_res_last was trained for the last of exactly 7.
+    keeps_schedule = (False, True)
     ddim_sampling_eta = 0.0
     learned_variance_constrain_frac = False
     null_text = NULL_TEXT
@@ -100,9 +100,7 @@ class KarloDecoder(nn.Module):
             return KarloSuperResStage(self, lowres_image, final_timestep, inpaint)
         if conditions.text_embed is None:
             raise InputError("Karlo's decoder reads CLIP's text embedding with the text encodings: give the text")
-        text = Text(conditions.text_embed, conditions.text_encodings)
-        null = conditions.null
-        null = Text(null.text_embed, null.text_encodings) if null is not None else None
+        text, null = Text(conditions.text_embed, conditions.text_encodings), Text.of(conditions.null)
         return KarloDecoderStage(self, conditions.image_embed, text, null, cond_scale, inpaint, batched_guidance)
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dalle2_cli.karlo.schedule import KarloSchedule
 from dalle2_cli.sampling.schedulers import NoiseSource, Prediction
 from dalle2_cli.sampling.stages import RePaint
 
@@ -32,6 +33,11 @@ class Text:
     def mask(self) -> torch.Tensor:
         return self.encodings.ne(0).any(dim=-1)
 
+    @classmethod
+    def of(cls, conditions) -> Text | None:
+        """The text of a PriorConditions (or None)."""
+        return None if conditions is None else cls(conditions.text_embed, conditions.text_encodings)
+
     def rows(self, count: int) -> Text:
         """These (one row) for `count` rows."""
         return Text(self.embed.expand(count, -1), self.encodings.expand(count, -1, -1))
@@ -45,12 +51,21 @@ def _time(t: int, device: torch.device) -> torch.Tensor:
     return torch.tensor(t, dtype=torch.long, device=device)
 
 
-def _guided(output: torch.Tensor, scale: float) -> torch.Tensor:
-    null, cond = output.chunk(2)
+def _blend(null: torch.Tensor, cond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, in diffusers' operand order."""
     return null + scale * (cond - null)
 
 
-class KarloPriorStage:
+class _KarloStage:
+    """What Karlo's stages share: the forward process of their schedule (RePaint's known part)."""
+
+    schedule: KarloSchedule
+
+    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
+        return self.schedule.q_sample(clean, torch.full((clean.shape[0],), t), noise.like(clean))
+
+
+class KarloPriorStage(_KarloStage):
     """`PriorTransformer`: image embeddings (de-normalised by clip_mean / clip_std) from text."""
 
     repaint = None
@@ -80,14 +95,11 @@ class KarloPriorStage:
         if self.cond_scale == 1:
             output = self._run(x, t, self.text)
         elif self.batched:
-            output = _guided(self._run(torch.cat([x] * 2), t, self.both), self.cond_scale)
+            output = _blend(*self._run(torch.cat([x] * 2), t, self.both).chunk(2), self.cond_scale)
         else:
             null, cond = self._run(x, t, self.null), self._run(x, t, self.text)
-            output = null + self.cond_scale * (cond - null)
+            output = _blend(null, cond, self.cond_scale)
         return Prediction(self.schedule.clean(x, t, output))
-
-    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
-        return self.schedule.q_sample(clean, torch.full((clean.shape[0],), t), noise.like(clean))
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.post_process_latents(x)
@@ -110,7 +122,7 @@ def _repaint(inpaint, size: int) -> RePaint | None:
     return RePaint(known * 2 - 1, keep, inpaint.resample_times)
 
 
-class KarloDecoderStage:
+class KarloDecoderStage(_KarloStage):
     """The 64 px `UNet2DConditionModel`, conditioned through the text projection."""
 
     def __init__(
@@ -165,11 +177,8 @@ class KarloDecoderStage:
                 cond = self._run(x, t, slice(self.rows, None))
             null_noise, _ = _split(null, self.channels)
             cond_noise, variance = _split(cond, self.channels)
-            noise = null_noise + self.cond_scale * (cond_noise - null_noise)
+            noise = _blend(null_noise, cond_noise, self.cond_scale)
         return Prediction(self.schedule.clean(x, t, noise), variance)
-
-    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
-        return self.schedule.q_sample(clean, torch.full((clean.shape[0],), t), noise.like(clean))
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         """The 64 px images in [-1, 1], as the super-resolution takes them (a round trip
@@ -177,7 +186,7 @@ class KarloDecoderStage:
         return x.clamp(-1, 1)
 
 
-class KarloSuperResStage:
+class KarloSuperResStage(_KarloStage):
     """64 -> 256 px: the decoder's images (in [-1, 1]) upscaled (bicubic, antialiased) and concatenated to
     the sample; `super_res_first` at every step but the last, `super_res_last` at the last."""
 
@@ -200,9 +209,6 @@ class KarloSuperResStage:
         noise, variance = _split(output, self.channels)
         learned = variance if self.schedule.variance_type == "learned_range" else None
         return Prediction(self.schedule.clean(x, t, noise), learned)
-
-    def noised(self, clean: torch.Tensor, t: int, noise: NoiseSource) -> torch.Tensor:
-        return self.schedule.q_sample(clean, torch.full((clean.shape[0],), t), noise.like(clean))
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return (x * 0.5 + 0.5).clamp(0, 1)

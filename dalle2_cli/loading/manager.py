@@ -119,11 +119,6 @@ class DalleModelManager:
 
             self._karlo = KarloLoader(config.unclip, self._resolve, self.strict, self.stored_dtype, self.log, self.warn)
 
-    @property
-    def family(self) -> str:
-        """`karlo` for a diffusers unCLIP pipeline, else `dalle2-pytorch`."""
-        return "karlo" if self._karlo is not None else "dalle2-pytorch"
-
     def has(self, part: str) -> bool:
         """Whether the config gives this part (`clip`, `prior` or `decoder`). For a diffusers
         pipeline, the prior is known once its model index is read (variations have none)."""

@@ -159,25 +159,25 @@ class InferenceScript:
                 )
             where = f"for unet {number + 1} " if count > 1 else ""
             sampler = s.sampler
-            if number == 1 and self.models.family == "karlo":
-                # One value (`--decoder-steps 8`) is the decoder's; the super-resolution keeps its 7.
+            if getattr(decoder, "keeps_schedule", (False,) * count)[number]:
+                # One value (`--decoder-steps 8`) is for the others; this unet keeps its own steps.
                 given = s.decoder_steps if s.decoder_steps is not None and len(s.decoder_steps) > 1 else None
                 steps[number] = given[number] if given else None
-                sampler = self._karlo_super_res(steps[number], defaults)
+                sampler = self._kept_schedule(number, steps[number], defaults)
             plans.append(
                 plan_stage("decoder", trained, steps[number], scales[number], sampler, defaults, where, s.ddim_eta)
             )
         return plans
 
-    def _karlo_super_res(self, steps: int | None, defaults: StageDefaults) -> str | None:
-        """Karlo's super-resolution keeps DDPM and its 7 steps whatever sampler the other stages
-        take: `super_res_last` was trained for the last of exactly 7. Other steps are allowed,
-        with a warning."""
-        if steps is not None and steps != defaults.steps and "super-res steps" not in self._warned:
-            self._warned.add("super-res steps")
+    def _kept_schedule(self, number: int, steps: int | None, defaults: StageDefaults) -> str | None:
+        """The sampler of a unet that keeps its own whatever the others take (Karlo's
+        super-resolution: `super_res_last` was trained for the last of exactly 7 DDPM steps).
+        Other steps are allowed, with a warning."""
+        if steps is not None and steps != defaults.steps and "kept steps" not in self._warned:
+            self._warned.add("kept steps")
             self.models.warn(
-                f"Karlo's super-resolution was trained to end with the last of {defaults.steps} steps "
-                f"(super_res_last): {steps} steps may give worse images"
+                f"decoder unet {number + 1} (Karlo's super-resolution) was trained to end with the last of "
+                f"{defaults.steps} steps (super_res_last): {steps} steps may give worse images"
             )
         return defaults.sampler
 
