@@ -23,10 +23,13 @@ import torch
 from PIL import Image
 
 from dalle2_cli.config import load_config
+from dalle2_cli.errors import InputError
 from dalle2_cli.loading.clip import tokenize
 from dalle2_cli.loading.manager import DalleModelManager
 from dalle2_cli.sampling.loops import PriorConditions, UnetConditions, sample_prior, sample_unet
+from dalle2_cli.sampling.manipulate import Interpolation, TextDiff
 from dalle2_cli.sampling.noise import GeneratorNoise
+from dalle2_cli.sampling.pipelines import ImageVariation, Inpainting
 from dalle2_cli.sampling.schedulers import DECODER, PRIOR, make_scheduler
 from tests.helpers import error_lines, invoke, run_cli
 from tests.tiny_karlo import TEXT_TO_IMAGE, VARIATIONS, reference_pipeline, write_tiny_karlo
@@ -330,6 +333,20 @@ def test_variations_interpolation_and_text_diff_from_a_bin_folder(karlo_variatio
 def test_rerank_borrows_the_image_tower_of_another_pipeline(karlo, karlo_variations, tmp_path):
     without = invoke("text2im", "-c", karlo.folder, "a red circle", "--rerank", "2", "-o", tmp_path / "n")
     assert without.returncode == 2 and "no CLIP image tower" in error_lines(without.stderr)[0]
+    assert "loaded" not in without.stderr  # refused before reading gigabytes of weights
+    picture = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(picture)
+    manager = DalleModelManager(load_config(karlo.folder))
+    needs_the_tower = [
+        lambda: ImageVariation(manager).run([Image.open(picture)]),
+        lambda: Inpainting(manager).run(Image.open(picture), np.ones((64, 64), bool)),
+        lambda: Interpolation(manager).run(Image.open(picture), Image.open(picture)),
+        lambda: TextDiff(manager).run(Image.open(picture), "red", "blue"),
+    ]
+    for run in needs_the_tower:
+        with pytest.raises(InputError, match="no CLIP image tower"):
+            run()
+    assert manager.files == {"model index": karlo.folder / "model_index.json"}  # nothing else read
     config = tmp_path / "karlo-rerank.json"
     config.write_text(json.dumps({"unclip": {
         "load_type": "local", "path": str(karlo.folder),
@@ -528,6 +545,8 @@ def test_served_through_openai_s_sdk_as_a_lone_run_makes_it(karlo, tmp_path):
     import base64
     import io
 
+    import openai
+
     from dalle2_cli.sampling.pipelines import TextToImage
     from dalle2_cli.sampling.settings import SamplingSettings
     from tests.serving import running
@@ -537,6 +556,10 @@ def test_served_through_openai_s_sdk_as_a_lone_run_makes_it(karlo, tmp_path):
             prompt="a red circle", n=2, response_format="b64_json", extra_body={"seed": 5, "prior_steps": 6}
         )
         images = [Image.open(io.BytesIO(base64.b64decode(entry.b64_json))) for entry in response.data]
+        picture = io.BytesIO()
+        Image.new("RGB", (64, 64), (200, 30, 30)).save(picture, format="PNG")
+        with pytest.raises(openai.BadRequestError, match="no CLIP image tower"):
+            server.client().images.create_variation(image=("in.png", picture.getvalue(), "image/png"))
         lone = TextToImage(server.service.manager, SamplingSettings(seed=5, prior_steps=6)).run(["a red circle"], 2)
     assert [image.size for image in images] == [(64, 64)] * 2
     for image, expected in zip(images, lone, strict=True):

@@ -139,6 +139,10 @@ class KarloLoader:
     def has(self, component: str) -> bool:
         return component in NETWORKS[self.kind]
 
+    def has_image_tower(self) -> bool:
+        """Whether CLIP's image tower comes with it: its own, or one borrowed (`image_encoder_from`)."""
+        return self.has("image_encoder") or self.image_layout is not None
+
     def _layout(self, component: str) -> UnclipLayout:
         """Where a component comes from: this pipeline, or the one it borrows its image tower from."""
         if component == "image_encoder" and not self.has(component) and self.image_layout is not None:

@@ -126,6 +126,16 @@ class DalleModelManager:
             return part != "prior" or self._karlo.has("prior")
         return getattr(self.config, part) is not None
 
+    def require_image_tower(self) -> None:
+        """Stop before any weights are read when CLIP's image tower, which the run needs
+        (variations, reranking), is missing: Karlo's text-to-image pipeline has none."""
+        if self._karlo is None:
+            self._require("clip")
+        elif not self._karlo.has_image_tower():
+            from dalle2_cli.loading.transformers_clip import NO_IMAGE_TOWER
+
+            raise InputError(NO_IMAGE_TOWER)
+
     def sha256(self) -> dict[str, str]:
         """The sha256 of each model file loaded so far, by role: the bytes as this manager read
         them, hashed once each (a server's every batch records them without hashing again)."""

@@ -45,6 +45,11 @@ VISION_DEFAULTS = {
     "layer_norm_eps": 1e-5,
 }
 SUPPORTED_ACTIVATIONS = ("quick_gelu", "gelu")
+NO_IMAGE_TOWER = (
+    "this model has no CLIP image tower (Karlo's text-to-image pipeline has none), which variations, reranking, "
+    "interpolate, textdiff and inpainting without a prompt need: use the karlo preset (it borrows the variations "
+    "repository's) or karlo-variations"
+)
 
 
 def tower_configs(config: dict[str, Any]) -> tuple[dict | None, dict | None, int]:
@@ -233,8 +238,5 @@ class UnclipClipAdapter(PrebuiltOpenClipAdapter):
 
     def embed_image(self, image: torch.Tensor):
         if not self.has_image:
-            raise InputError(
-                "this model has no CLIP image tower (Karlo's text-to-image repository has none): variations and "
-                "reranking need one, as karlo-variations has"
-            )
+            raise InputError(NO_IMAGE_TOWER)
         return self.clip.encode_image(self.clip_normalize(image)), None

@@ -101,7 +101,7 @@ class Interpolation(InferenceScript):
         """`frames` images, frame 0 decoding `first`'s embedding and the last `second`'s, all with
         the script's seed. `text` conditions decoders that take text (as for variations)."""
         check_frames(frames)
-        self._start(uses_prior=False)
+        self._start(uses_prior=False, uses_image_tower=True)
         embeds = self.embeddings(first, second, frames)
         angle = float(torch.arccos(torch.dot(embeds[0].double(), embeds[-1].double()).clamp(-1, 1)))
         names = [None if s is None else str(s) for s in sources]
@@ -147,7 +147,7 @@ class TextDiff(InferenceScript):
         """`frames` images, frame 0 decoding `image`'s own embedding (θ = 0), all with the
         script's seed. `text` conditions decoders that take text (as for variations)."""
         check_text_diff(frames, max_angle, source_text, target_text)
-        self._start(uses_prior=False)
+        self._start(uses_prior=False, uses_image_tower=True)
         embeds = self.embeddings(image, source_text, target_text, frames, max_angle)
         extra = [
             {"textdiff": {"from": source_text, "to": target_text, "theta": theta}}

@@ -78,6 +78,7 @@ class TextToImage(InferenceScript):
         return [made[j] for j in range(len(texts))]
 
     def _reranked(self, prompts: Sequence[str | Prompt], num_images: int, candidates: int) -> list[GeneratedImage]:
+        self.models.require_image_tower()  # before drawing any candidate
         # Candidate 0 is exactly the plain run (whatever seed each image gets there) ...
         with self._held():
             firsts = self._draw(prompts, num_images)
@@ -173,7 +174,7 @@ class ImageVariation(InferenceScript):
         bases = [self.seed] * len(images) if seeds is None else list(seeds)
         if len(bases) != len(images):
             raise ValueError(f"give one seed per image: {len(images)}, not {len(bases)}")
-        self._start(uses_prior=False)
+        self._start(uses_prior=False, uses_image_tower=True)
         text = self._text_for_decoder(text)
         names = list(sources or [None] * len(images))
         made: dict[tuple[int, int], GeneratedImage] = {}
@@ -214,7 +215,7 @@ class Inpainting(InferenceScript):
         check_count(num_images)
         if prompt is not None and not prompt.strip():
             raise InputError("the prompt is empty: leave it out to fill from the image itself")
-        self._start(uses_prior=prompt is not None)
+        self._start(uses_prior=prompt is not None, uses_image_tower=prompt is None)
         s = self.settings
         if prompt is not None:
             embeds = self._sample_prior(

@@ -81,10 +81,12 @@ class InferenceScript:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.models.compute_dtype)
 
-    def _start(self, uses_prior: bool) -> None:
+    def _start(self, uses_prior: bool, uses_image_tower: bool = False) -> None:
         """Load what will run, plan every stage before any sampling (a bad setting stops the
         run here), then seed every random generator (same seed, same settings, same device:
-        same pixels)."""
+        same pixels). A missing part stops the run before any weights are read."""
+        if uses_image_tower:
+            self.models.require_image_tower()
         self._record = {"batch_size": self.settings.batch_size, "dtype": str(self.models.dtype).removeprefix("torch.")}
         self._record.update(self.plan(uses_prior))
         torch.manual_seed(self.seed)

@@ -207,6 +207,8 @@ class ImageService:
                 raise SettingError(name, problem)
         if request.kind == "text2im" and not self.manager.has("prior"):
             raise InputError(f"{self.name} has no prior, which text to image needs")
+        if request.kind == "variation" or (request.kind == "inpaint" and request.prompt is None):
+            self.manager.require_image_tower()
         self._check_plan(request)
         if request.seed is None:
             request = dataclasses.replace(request, seed=random.randrange(2**31))
