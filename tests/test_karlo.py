@@ -389,6 +389,11 @@ def test_inspect_names_karlo_s_files(karlo, karlo_variations):
         assert any(line.split()[0] == component and name in line for line in folder.splitlines())
     prior = invoke("inspect", karlo.folder / "prior" / "diffusion_pytorch_model.safetensors", check=True).stdout
     assert "Karlo prior (diffusers PriorTransformer)" in prior
+    assert invoke("inspect", karlo.folder / "prior", check=True).stdout == prior  # the component's folder
+    image_tower = invoke("inspect", karlo_variations.folder / "image_encoder", check=True).stdout
+    assert "pytorch_model.bin" in image_tower and "CLIP image tower (transformers layout)" in image_tower
+    refused = invoke("inspect", karlo.folder / "prior_scheduler")
+    assert refused.returncode == 2 and "no model_index.json and no weights file" in error_lines(refused.stderr)[0]
 
 
 def test_presets_and_a_folder_without_an_index(tmp_path):

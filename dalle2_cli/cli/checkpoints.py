@@ -22,7 +22,7 @@ def inspect(
         Path,
         typer.Argument(
             help="A checkpoint: .pth/.pt (any dalle2-pytorch format), .bin or .safetensors; or a diffusers "
-            "unCLIP folder (Karlo's, with model_index.json)."
+            "unCLIP folder (Karlo's, with model_index.json), or one of its components' folders."
         ),
     ],
     *,
@@ -31,10 +31,18 @@ def inspect(
     """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256.
     For a Karlo folder: each component's file."""
     from dalle2_cli.io.textfiles import regular_file
+    from dalle2_cli.karlo.layout import component_weights
     from dalle2_cli.loading.inspection import inspect_file, inspect_folder
 
     if file.is_dir() and (file / "model_index.json").is_file():
         inspection = inspect_folder(file)
+    elif file.is_dir() and (weights := component_weights(file)) is not None:  # one component's folder
+        inspection = inspect_file(weights)
+    elif file.is_dir():
+        raise InputError(
+            f"{file} is a folder with no model_index.json and no weights file: give a checkpoint file, a diffusers "
+            "unCLIP folder or one of its components' folders"
+        )
     else:
         regular_file(file, "checkpoint")
         inspection = inspect_file(file)

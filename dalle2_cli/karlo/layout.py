@@ -32,6 +32,13 @@ def weights_name(component: str, fmt: str) -> str:
     return f"{base}.safetensors"
 
 
+def component_weights(folder: Path) -> Path | None:
+    """The weights file in one component's folder (`prior/`, `text_encoder/`), safetensors
+    first; None where it holds none."""
+    names = (weights_name(part, fmt) for fmt in ("safetensors", "bin") for part in ("prior", "text_encoder"))
+    return next((folder / name for name in names if (folder / name).is_file()), None)
+
+
 def config_name(component: str) -> str:
     return "scheduler_config.json" if component.endswith("scheduler") else "config.json"
 
