@@ -570,3 +570,18 @@ def test_served_through_openai_s_sdk_as_a_lone_run_makes_it(karlo, tmp_path):
     for image, expected in zip(images, lone, strict=True):
         difference = np.abs(np.asarray(image.convert("RGB"), np.int16) - np.asarray(expected.image, np.int16))
         assert difference.max() <= 1
+
+
+def test_accelerate_launch_and_resume_make_the_files_of_one_process(karlo, tmp_path):
+    from tests.test_scaleout import ENV, assert_same_images, launch, pngs
+
+    options = ("a red circle", "-c", str(karlo.folder), "-n", "3", "--seed", "3", "--batch-size", "1")
+    options += ("--prior-steps", "2", "--decoder-steps", "2", "--device", "cpu")
+    run_cli("text2im", *options, "-o", "one", "-q", cwd=tmp_path, check=True, env=ENV)
+    one = pngs(tmp_path / "one")
+    assert len(one) == 3
+    launch(*options, "-o", "two", cwd=tmp_path)
+    assert_same_images(tmp_path / "two", one)  # model files, settings and pixels
+    made = {path.name: path.stat().st_ino for path in (tmp_path / "two").glob("*.png")}
+    run_cli("text2im", *options, "-o", "two", "--resume", cwd=tmp_path, check=True, env=ENV)
+    assert {path.name: path.stat().st_ino for path in (tmp_path / "two").glob("*.png")} == made  # none made again
