@@ -357,24 +357,23 @@ def test_rerank_borrows_the_image_tower_of_another_pipeline(karlo, karlo_variati
     assert rerank["candidates"] == 2 and len(rerank["scores"]) == 2
 
 
-def test_half_precision_and_low_memory(karlo, tmp_path):
-    for extra in (["--dtype", "bf16"], ["--dtype", "bf16", "--low-memory"]):
-        out = tmp_path / "-".join(extra)
-        invoke(
-            "text2im",
-            "-c",
-            karlo.folder,
-            "a red circle",
-            "--prior-steps",
-            "4",
-            "--decoder-steps",
-            "4,2",
-            *extra,
-            "-o",
-            out,
-            check=True,
-        )
-        assert _record(_pngs(out)[0])["dtype"] == "bfloat16"
+@pytest.mark.parametrize("simulated", [False, True], ids=["this-cpu", "a-cpu-without-half-arithmetic"])
+def test_half_precision_and_low_memory(karlo, tmp_path, monkeypatch, simulated):
+    """bf16 and fp16 weights, converted at first use or per stage (--low-memory). A CPU without
+    that arithmetic keeps the weights in half precision and computes in float32: diffusers'
+    networks then take float32 inputs too (they cast their inputs to their own `dtype`)."""
+    from dalle2_cli.loading import manager
+
+    if simulated:
+        monkeypatch.setattr(manager, "cpu_computes_in", lambda dtype: dtype == torch.float32)
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        for low_memory in ((), ("--low-memory",)):
+            out = tmp_path / f"{name}{''.join(low_memory)}"
+            options = ("--prior-steps", "4", "--decoder-steps", "4,2", "--dtype", name, *low_memory, "-o", out)
+            made = invoke("text2im", "-c", karlo.folder, "a red circle", *options)
+            assert made.returncode == 0, made.stderr
+            assert ("computed in fp32" in made.stderr) is not manager.cpu_computes_in(dtype)
+            assert _record(_pngs(out)[0])["dtype"] == str(dtype).removeprefix("torch.")
 
 
 def test_inspect_names_karlo_s_files(karlo, karlo_variations):

@@ -11,6 +11,7 @@ dalle2-pytorch's models (the manager places them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from dalle2_cli.karlo.schedule import KarloSchedule
 from dalle2_cli.karlo.stages import KarloDecoderStage, KarloPriorStage, KarloSuperResStage, Text
 from dalle2_cli.karlo.text_proj import TextProjection
 from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
+from dalle2_cli.loading.precision import compute_dtype
 from dalle2_cli.sampling.settings import StageDefaults, Trained
 from dalle2_cli.sources.hub import NotOnHub
 
@@ -210,21 +212,19 @@ class KarloLoader:
                 f"{self.section.path} is an image-variations pipeline: it has no prior, which this command needs "
                 "(use karlo, the text-to-image one)"
             )
-        net = self._network("prior", _diffusers().PriorTransformer.from_config)
+        net = self._network("prior", _network_class("PriorTransformer").from_config)
         return KarloPrior(net, self._schedule("prior_scheduler"))
 
     def decoder(self) -> KarloDecoder:
-        diffusers = _diffusers()
-
         def text_projection(config: dict) -> TextProjection:
             keys = ("clip_extra_context_tokens", "clip_embeddings_dim", "time_embed_dim", "cross_attention_dim")
             return TextProjection(**{key: config[key] for key in keys if key in config})
 
         return KarloDecoder(
             self._network("text_proj", text_projection),
-            self._network("decoder", diffusers.UNet2DConditionModel.from_config),
-            self._network("super_res_first", diffusers.UNet2DModel.from_config),
-            self._network("super_res_last", diffusers.UNet2DModel.from_config),
+            self._network("decoder", _network_class("UNet2DConditionModel").from_config),
+            self._network("super_res_first", _network_class("UNet2DModel").from_config),
+            self._network("super_res_last", _network_class("UNet2DModel").from_config),
             [self._schedule("decoder_scheduler"), self._schedule("super_res_scheduler")],
         )
 
@@ -236,3 +236,15 @@ def _diffusers() -> Any:
     except ImportError:
         raise InputError("Karlo's networks are diffusers' classes: pip install 'dalle2-cli[karlo]'") from None
     return diffusers
+
+
+@functools.cache
+def _network_class(name: str) -> type:
+    """diffusers' network class `name`, its `dtype` saying what its layers compute in.
+
+    diffusers casts some inputs (the prior's and the super-resolution's time embeddings) to the
+    network's `dtype`, which it reads from the first parameter. Half-precision weights on a CPU
+    without that arithmetic are read through a float32 parametrization
+    (dalle2_cli.loading.precision.compute_in_fp32): the layers compute in float32, so those
+    inputs must be float32 too."""
+    return type(name, (getattr(_diffusers(), name),), {"dtype": property(compute_dtype), "__module__": __name__})

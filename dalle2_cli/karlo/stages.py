@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dalle2_cli.karlo.schedule import KarloSchedule
+from dalle2_cli.loading.precision import compute_dtype
 from dalle2_cli.sampling.schedulers import NoiseSource, Prediction
 from dalle2_cli.sampling.stages import RePaint
 
@@ -146,7 +147,7 @@ class KarloDecoderStage(_KarloStage):
         if guided:
             text = text.after(null.rows(self.rows))
             image_embed = torch.cat((decoder.text_proj.null_image_embeds(self.rows).to(image_embed.dtype), image_embed))
-        dtype = next(decoder.text_proj.parameters()).dtype
+        dtype = compute_dtype(decoder.text_proj)
         context, self.time_added = decoder.text_proj(
             image_embed.to(dtype), text.embed.to(dtype), text.encodings.to(dtype)
         )

@@ -184,6 +184,15 @@ def release_freed_memory() -> None:
         pass
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """What `model`'s layers compute in, so what its inputs should be: float32 where
+    compute_in_fp32 hands them float32 copies of half-precision weights (the stored tensors,
+    which `parameters()` yields, stay half), else its first floating-point parameter's dtype."""
+    if any(parametrize.is_parametrized(module) for module in model.modules()):
+        return torch.float32
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 class _Float32(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.float()
