@@ -35,6 +35,7 @@ def weights_name(component: str, fmt: str) -> str:
 def component_weights(folder: Path) -> Path | None:
     """The weights file in one component's folder (`prior/`, `text_encoder/`), safetensors
     first; None where it holds none."""
+    # Each format under diffusers' name (as `prior/` has it), then transformers' (`text_encoder/`).
     names = (weights_name(part, fmt) for fmt in ("safetensors", "bin") for part in ("prior", "text_encoder"))
     return next((folder / name for name in names if (folder / name).is_file()), None)
 
