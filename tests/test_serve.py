@@ -323,6 +323,9 @@ def test_a_config_that_does_not_load_ends_in_one_line(tmp_path):
         result.stderr.splitlines()[-1]
         == f"error: the models did not load: model file not found: {tmp_path}/missing.pth"
     )
+    uncached = invoke("serve", "-c", "nobody/nothing", "--offline", "--port", "0", "--no-page", cwd=tmp_path)
+    assert uncached.returncode == 2 and "Traceback" not in uncached.stderr
+    assert "`dalle2 models download -c nobody/nothing`" in uncached.stderr.splitlines()[-1]  # the config's own name
     bad_config = invoke("serve", "-c", str(tmp_path / "none.json"), "--port", "0", cwd=tmp_path)
     assert bad_config.returncode == 2 and "dalle2 serve: http" not in bad_config.stderr  # refused before listening
 

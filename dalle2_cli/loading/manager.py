@@ -90,7 +90,8 @@ class DalleModelManager:
         self.stored_dtype = torch.float32 if low_memory or self.convert_on_use else dtype
         self.compile = compile
         self.offline = is_offline() if offline is None else offline
-        self.resolve = resolve or functools.partial(resolve_file, offline=self.offline)
+        # Named in messages about files missing offline (`dalle2 models download -c NAME`).
+        self.resolve = resolve or functools.partial(resolve_file, offline=self.offline, config_name=name)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.warn = warn or (lambda message: self.log(f"warning: {message}"))
         # What the networks compute in: the weights' dtype, except on a CPU without that
