@@ -81,7 +81,12 @@ class KarloDecoder(nn.Module):
         return [self.decoder, self.super_res_first, self.super_res_last]
 
     def trained(self, index: int) -> Trained:
-        return Trained(self.noise_schedulers[index].num_timesteps, guidable=index == 0)
+        steps = self.noise_schedulers[index].num_timesteps
+        return Trained(
+            steps,
+            guidable=index == 0,
+            unguided_because="Karlo's super-resolution reads the 64 px image only: nothing to guide by",
+        )
 
     def unnormalize_img(self, x: torch.Tensor) -> torch.Tensor:
         return (x + 1) * 0.5

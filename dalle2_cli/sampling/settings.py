@@ -93,12 +93,13 @@ class StageDefaults(NamedTuple):
 
 @dataclass(frozen=True)
 class Trained:
-    """What a loaded network says of itself: the steps it was trained with, whether it was
-    trained with conditioning dropout (guidance needs it), its own default sampling steps."""
+    """What a loaded network says of itself: the steps it was trained with, whether it can be
+    guided (and why not), its own default sampling steps."""
 
     steps: int
     guidable: bool
     sample_steps: int | None = None
+    unguided_because: str = "it was trained without conditioning dropout"
 
 
 def plan_stage(
@@ -122,7 +123,7 @@ def plan_stage(
             f"{name}_steps", f"{where}must be between 1 and {trained.steps} (what it was trained with), got {chosen}"
         )
     if scale != 1.0 and not trained.guidable:
-        raise SettingError(f"{name}_cond_scale", f"{where}must be 1: it was trained without conditioning dropout")
+        raise SettingError(f"{name}_cond_scale", f"{where}must be 1: {trained.unguided_because}")
     kind = sampler or default_sampler or ("ddim" if chosen < trained.steps else "ddpm")
     return StagePlan(check_sampler(kind), chosen, float(scale), default_eta if ddim_eta is None else ddim_eta)
 
