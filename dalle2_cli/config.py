@@ -33,7 +33,8 @@ PACKAGE_SCHEME = "package://"
 MAX_UNETS = 16  # dalle2-pytorch cascades have 1-4; this only keeps a typo from allocating millions
 MAX_NAME_BYTES = 255  # the longest file name common filesystems take
 UNCLIP_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline (Karlo's)
-HUB_REPO = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")  # ORG/REPO[@REVISION]
+_REPO, _REVISION = r"[A-Za-z0-9][\w.-]*/[\w.-]+", r"(@[\w./-]+)?"
+HUB_REPO = re.compile(_REPO + _REVISION)  # ORG/REPO[@REVISION]
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 UnetNumber = Annotated[int, Field(ge=1, le=MAX_UNETS)]
@@ -243,7 +244,7 @@ class UnclipLoadConfig(_Section):
 
     @model_validator(mode="after")
     def _folder_or_repository(self) -> UnclipLoadConfig:
-        if self.load_type == "url" and not re.fullmatch(r"hf://[A-Za-z0-9][\w.-]*/[\w.-]+/?(@[\w./-]+)?", self.path):
+        if self.load_type == "url" and not re.fullmatch(rf"hf://{_REPO}/?{_REVISION}", self.path):
             raise ValueError(
                 f"a hub unCLIP pipeline is hf://ORG/REPO or hf://ORG/REPO@REVISION, got {self.path[:200]!r}"
             )

@@ -30,11 +30,12 @@ def inspect(
 ) -> None:
     """Show what a checkpoint file holds: format, stage, sizes, dtype, version, EMA, config, sha256.
     For a Karlo folder: each component's file."""
+    from dalle2_cli.config import UNCLIP_INDEX
     from dalle2_cli.io.textfiles import regular_file
     from dalle2_cli.karlo.layout import component_weights
     from dalle2_cli.loading.inspection import inspect_file, inspect_folder
 
-    if file.is_dir() and (file / "model_index.json").is_file():
+    if file.is_dir() and (file / UNCLIP_INDEX).is_file():
         inspection = inspect_folder(file)
     elif file.is_dir() and (weights := component_weights(file)) is not None:  # one component's folder
         inspection = inspect_file(weights)

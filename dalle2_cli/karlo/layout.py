@@ -5,10 +5,13 @@ like any model file (the Hugging Face cache, offline mode, digests)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
+from dalle2_cli.config import UNCLIP_INDEX as INDEX
 from dalle2_cli.config import File, UnclipLoadConfig
 from dalle2_cli.errors import InputError
+from dalle2_cli.io.textfiles import read_json
 
 TEXT_TO_IMAGE, VARIATIONS = "UnCLIPPipeline", "UnCLIPImageVariationPipeline"
 # The components each pipeline has (the tokenizer and feature extractor are not read: CLIP's
@@ -22,7 +25,6 @@ SCHEDULERS = {
     VARIATIONS: ("decoder_scheduler", "super_res_scheduler"),
 }
 TRANSFORMERS_PARTS = ("text_encoder", "image_encoder")  # transformers' file names, not diffusers'
-INDEX = "model_index.json"
 
 
 def weights_name(component: str, fmt: str) -> str:
@@ -83,6 +85,28 @@ class UnclipLayout:
         return sorted(files, key=lambda file: cached_hub_file(parse_hub_url(file.path)) is None)
 
 
+def first_available(candidates: list[File], resolve: Callable[[File], Path]) -> tuple[File, Path]:
+    """The first of a component's weights files (`UnclipLayout.weights`) that its source has,
+    and where it lies: a hub repository may hold a component as pickled .bin only."""
+    from dalle2_cli.sources.hub import NotOnHub
+
+    for file in candidates[:-1]:
+        try:
+            return file, resolve(file)
+        except NotOnHub:
+            continue
+    return candidates[-1], resolve(candidates[-1])
+
+
+def read_index(path: Path, where: str) -> dict:
+    """A pipeline's model_index.json, checked to be unCLIP's (`where` names the pipeline)."""
+    index = read_json(path, "model index")
+    if not isinstance(index, dict):
+        raise InputError(f"{path} is not a diffusers model index (a JSON object)")
+    pipeline_kind(index, where)
+    return index
+
+
 def pipeline_kind(index: dict, where: str) -> str:
     kind = index.get("_class_name")
     if kind not in NETWORKS:
@@ -93,22 +117,23 @@ def pipeline_kind(index: dict, where: str) -> str:
     return kind
 
 
-def files(section: UnclipLoadConfig, index: dict | None) -> list[tuple[str, File]]:
-    """(role, file) of every file the pipeline loads from, `index` its model_index.json read
-    (None: not readable here, so only the index is listed)."""
+def files(section: UnclipLoadConfig, index: dict | None) -> list[tuple[str, list[File]]]:
+    """(role, files) of every file the pipeline loads from, `index` its model_index.json read
+    (None: not readable here, so only the index is listed). `files` is one file, or a
+    component's weights files in the order to try them (see `first_available`)."""
     layout = UnclipLayout(section)
-    found = [("model index", layout.index())]
+    found = [("model index", [layout.index()])]
     if index is None:
         return found
     kind = pipeline_kind(index, section.path)
+
+    def network(source: UnclipLayout, component: str) -> list[tuple[str, list[File]]]:
+        return [(f"{component} config", [source.config(component)]), (component, source.weights(component))]
+
     for component in NETWORKS[kind]:
-        found += [(f"{component} config", layout.config(component)), (component, layout.weights(component)[0])]
-    found += [(f"{component} config", layout.config(component)) for component in SCHEDULERS[kind]]
+        found += network(layout, component)
+    found += [(f"{component} config", [layout.config(component)]) for component in SCHEDULERS[kind]]
     borrowed = section.image_encoder_from
     if borrowed is not None and "image_encoder" not in NETWORKS[kind]:
-        other = UnclipLayout(borrowed)
-        found += [
-            ("image_encoder config", other.config("image_encoder")),
-            ("image_encoder", other.weights("image_encoder")[0]),
-        ]
+        found += network(UnclipLayout(borrowed), "image_encoder")
     return found

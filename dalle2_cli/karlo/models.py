@@ -22,14 +22,13 @@ from torch import nn
 from dalle2_cli.config import File, UnclipLoadConfig
 from dalle2_cli.errors import InputError
 from dalle2_cli.io.textfiles import read_json
-from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, pipeline_kind
+from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, first_available, read_index
 from dalle2_cli.karlo.schedule import KarloSchedule
 from dalle2_cli.karlo.stages import KarloDecoderStage, KarloPriorStage, KarloSuperResStage, Text
 from dalle2_cli.karlo.text_proj import TextProjection
 from dalle2_cli.loading.checkpoint import load_weights, new_model, read_checkpoint
 from dalle2_cli.loading.precision import compute_dtype
 from dalle2_cli.sampling.settings import StageDefaults, Trained
-from dalle2_cli.sources.hub import NotOnHub
 
 NULL_TEXT = ""  # guidance's null branch reads the empty prompt
 PRIOR_DEFAULTS = StageDefaults(25, 4.0, "ddpm")
@@ -131,12 +130,7 @@ class KarloLoader:
     @property
     def index(self) -> dict:
         if self._index is None:
-            path = self.resolve("model index", self.layout.index())
-            data = read_json(path, "model index")
-            if not isinstance(data, dict):
-                raise InputError(f"{path} is not a diffusers model index (a JSON object)")
-            pipeline_kind(data, self.section.path)
-            self._index = data
+            self._index = read_index(self.resolve("model index", self.layout.index()), self.section.path)
         return self._index
 
     @property
@@ -164,18 +158,11 @@ class KarloLoader:
         return data
 
     def _state_dict(self, component: str) -> tuple[Path, dict[str, torch.Tensor]]:
-        candidates = self._layout(component).weights(component)
-        for number, file in enumerate(candidates):
-            try:
-                path = self.resolve(component, file)
-            except NotOnHub:
-                if number + 1 < len(candidates):
-                    continue  # the hub has this component as .bin only
-                raise
-            checkpoint = read_checkpoint(path)
-            self.log(f"loaded {component} {path.name} ({checkpoint.format})")
-            return path, checkpoint.state_dict
-        raise AssertionError("unreachable")
+        resolve = functools.partial(self.resolve, component)
+        _, path = first_available(self._layout(component).weights(component), resolve)
+        checkpoint = read_checkpoint(path)
+        self.log(f"loaded {component} {path.name} ({checkpoint.format})")
+        return path, checkpoint.state_dict
 
     def _network(self, component: str, build: Callable[[dict], nn.Module]) -> nn.Module:
         config = self._config(component)
@@ -197,9 +184,7 @@ class KarloLoader:
     def clip(self):
         from dalle2_cli.loading.transformers_clip import UnclipClipAdapter, build_open_clip
 
-        towers = [c for c in ("text_encoder", "image_encoder") if self.has(c)]
-        if "image_encoder" not in towers and self.image_layout is not None:
-            towers.append("image_encoder")
+        towers = ["text_encoder", "image_encoder"] if self.has_image_tower() else ["text_encoder"]
         configs, state, paths = [], {}, []
         for component in towers:
             configs.append(self._config(component))

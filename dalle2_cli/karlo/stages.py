@@ -115,12 +115,8 @@ def _split(output: torch.Tensor, channels: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def _repaint(inpaint, size: int) -> RePaint | None:
-    if inpaint is None:
-        return None
-    known = F.interpolate(inpaint.image, size, mode="nearest") if inpaint.image.shape[-1] != size else inpaint.image
-    keep = inpaint.keep.unsqueeze(1).float()
-    keep = (F.interpolate(keep, size, mode="nearest") if keep.shape[-1] != size else keep).bool()
-    return RePaint(known * 2 - 1, keep, inpaint.resample_times)
+    """RePaint in Karlo's sample space ([-1, 1])."""
+    return inpaint.at(size, lambda image: image * 2 - 1) if inpaint is not None else None
 
 
 class KarloDecoderStage(_KarloStage):

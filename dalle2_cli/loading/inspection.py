@@ -150,16 +150,11 @@ class PipelineInspection:
 def inspect_folder(path: str | Path) -> PipelineInspection:
     """What a diffusers unCLIP pipeline folder holds, component by component."""
     from dalle2_cli.config import UnclipLoadConfig
-    from dalle2_cli.errors import InputError
-    from dalle2_cli.io.textfiles import read_json
-    from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, pipeline_kind
+    from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout, read_index
 
     path = Path(path)
-    index = read_json(path / "model_index.json", "model index")
-    if not isinstance(index, dict):
-        raise InputError(f"{path}/model_index.json is not a diffusers model index (a JSON object)")
-    kind = pipeline_kind(index, str(path))
     layout = UnclipLayout(UnclipLoadConfig(load_type="local", path=str(path)))
+    kind = read_index(Path(layout.index().path), str(path))["_class_name"]
     components: dict[str, Inspection | str] = {}
     for name in NETWORKS[kind]:
         file = Path(layout.weights(name)[0].path)

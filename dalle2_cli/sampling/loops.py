@@ -15,6 +15,7 @@ variance, low-resolution conditioning noised at sampling time, and RePaint inpai
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,6 +160,13 @@ class Inpaint:
     keep: torch.Tensor  # [batch, height, width] booleans
     resample_times: int = 5
 
+    def at(self, size: int, normalize: Callable[[torch.Tensor], torch.Tensor]) -> RePaint:
+        """RePaint for a stage making `size` px samples, `normalize` mapping [0, 1] images to its
+        sample space (both resized by nearest neighbour, only where the size differs)."""
+        known = normalize(_resize(self.image, size))
+        keep = _resize(self.keep.unsqueeze(1).float(), size).bool()
+        return RePaint(known, keep, self.resample_times)
+
 
 class UnetStage:
     """Unet `index` (from 0) of dalle2-pytorch's `Decoder` as a stage: images in [0, 1],
@@ -194,11 +202,7 @@ class UnetStage:
             self.conditions["text_encodings"] = conditions.text_encodings
         if self.unet.lowres_cond:
             self.conditions.update(_lowres(decoder, index, lowres_image, lowres_noise_level, self.size, noise))
-        self.repaint = None
-        if inpaint is not None:
-            known = decoder.normalize_img(_resize(inpaint.image, self.size))
-            keep = _resize(inpaint.keep.unsqueeze(1).float(), self.size).bool()
-            self.repaint = RePaint(known, keep, inpaint.resample_times)
+        self.repaint = inpaint.at(self.size, decoder.normalize_img) if inpaint is not None else None
 
     def start(self, noise: NoiseSource) -> torch.Tensor:
         return noise.draw((self.batch, self.decoder.sample_channels[self.index], self.size, self.size), self.device)

@@ -7,18 +7,20 @@ shared with other tools, so only the hub files that a known config uses are list
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dalle2_cli.config import File, ModelLoadConfig, UnclipLoadConfig, available_configs, load_config
 from dalle2_cli.errors import Dalle2Error, InputError
+from dalle2_cli.io.textfiles import read_json
+from dalle2_cli.karlo.layout import UnclipLayout, files, first_available
 from dalle2_cli.sources.cache import cache_lock, cache_path, default_cache_dir
 from dalle2_cli.sources.digests import SIDECAR_SUFFIX, recorded_digest, sha256_of, sidecar_path
 from dalle2_cli.sources.http import PARTIAL_DIR, partial_path
 from dalle2_cli.sources.hub import (
     HubFile,
-    NotOnHub,
     cached_hub_file,
     expected_blob_digest,
     fetch_hint,
@@ -35,6 +37,9 @@ class ConfigFile:
 
     role: str
     file: File
+    # Where the source may not have `file`, the files to try after it (a hub repository may
+    # hold a diffusers component's weights as pickled .bin only).
+    alternatives: tuple[File, ...] = ()
 
 
 def config_files(config: ModelLoadConfig) -> list[ConfigFile]:
@@ -71,25 +76,12 @@ def unclip_files(section: UnclipLoadConfig) -> list[ConfigFile]:
     """Every file of a diffusers unCLIP pipeline. Which components it has is in its
     model_index.json, read from the folder or the Hugging Face cache (when it is not there,
     only the index itself is listed)."""
-    from dalle2_cli.io.textfiles import read_json
-    from dalle2_cli.karlo.layout import UnclipLayout, files
-
     index_file = UnclipLayout(section).index()
     hub = parse_hub_url(index_file.path) if index_file.load_type == "url" else None
     index_path = cached_hub_file(hub) if hub is not None else Path(index_file.path)
     index = read_json(index_path, "model index") if index_path is not None and index_path.is_file() else None
-    return [ConfigFile(role, file) for role, file in files(section, index if isinstance(index, dict) else None)]
-
-
-def _other_weights(config: ModelLoadConfig, item: ConfigFile) -> File | None:
-    """For a diffusers pipeline's weights file, the other format's (.bin for safetensors)."""
-    from dalle2_cli.karlo.layout import NETWORKS, UnclipLayout
-
-    components = {name for names in NETWORKS.values() for name in names}
-    if config.unclip is None or item.role not in components:
-        return None
-    others = [file for file in UnclipLayout(config.unclip).weights(item.role) if file != item.file]
-    return others[0] if others else None
+    listed = files(section, index if isinstance(index, dict) else None)
+    return [ConfigFile(role, first, tuple(others)) for role, (first, *others) in listed]
 
 
 def clip_pretrained(config: ModelLoadConfig) -> tuple[str, str | None] | None:
@@ -132,19 +124,12 @@ def download_config(
 ) -> list[Fetched]:
     """Make every file of `config` available locally (offline: check that it is)."""
     fetched = []
+    resolve = functools.partial(resolve_file, config_name=config_name, quiet=quiet, offline=offline)
     if config.unclip is not None:  # its index says which files it has: fetched first
-        from dalle2_cli.karlo.layout import UnclipLayout
-
-        resolve_file(UnclipLayout(config.unclip).index(), config_name=config_name, quiet=quiet, offline=offline)
+        resolve(UnclipLayout(config.unclip).index())
     for item in config_files(config):
-        try:
-            path = resolve_file(item.file, config_name=config_name, quiet=quiet, offline=offline)
-        except NotOnHub:
-            other = _other_weights(config, item)
-            if other is None:
-                raise
-            item = ConfigFile(item.role, other)  # a hub repository with .bin weights only
-            path = resolve_file(other, config_name=config_name, quiet=quiet, offline=offline)
+        file, path = first_available([item.file, *item.alternatives], resolve)
+        item = ConfigFile(item.role, file)
         fetched.append(Fetched(item.role, source_of(item.file), item.file.path, path, path.stat().st_size))
     pretrained = clip_pretrained(config)
     if pretrained is not None:
